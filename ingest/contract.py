@@ -1,0 +1,288 @@
+"""The event contract: what a Kafka record must hold to become a ``call_events`` row.
+
+Pure functions only: bytes and record coordinates in, a ``CallEvent`` or a
+``Rejection`` (with a reason code and a readable detail) out. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Literal
+
+import orjson
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+)
+
+EVENT_TYPES: Final = ("initiation", "answer", "transcription", "response", "error", "termination")
+EventType = Literal["initiation", "answer", "transcription", "response", "error", "termination"]
+
+# Dead-letter reasons decided here; the sink adds unknown_call, unknown_agent and db_rejected.
+INVALID_JSON: Final = "invalid_json"
+INVALID_EVENT: Final = "invalid_event"
+
+# Event ids derived from a record's coordinates live in their own namespace, so the same
+# (topic, partition, offset) always yields the same id and a redelivery maps to the same row.
+EVENT_ID_NAMESPACE: Final = uuid.UUID("6b1f0c52-5c1e-4f57-9a51-4c0f2d7a9e10")
+
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+)
+# Same language as the seed's valid_phone_numbers, with ASCII digits only: Python's \d also
+# matches other scripts' digits, which the CHECK may not.
+E164_PATTERN: Final = r"^\+[1-9][0-9]{1,14}$"
+INT4_MAX: Final = 2**31 - 1
+MAX_DURATION_S: Final = 10 * 365 * 24 * 3600.0
+
+
+def _require_str(v: Any) -> Any:
+    if not isinstance(v, str):
+        raise ValueError("must be a string")
+    if "\x00" in v:
+        raise ValueError("must not contain NUL (\\u0000)")
+    return v
+
+
+def _parse_timestamp(v: Any) -> Any:
+    v = _require_str(v)
+    if not _RFC3339.match(v):
+        raise ValueError("must be an RFC 3339 timestamp with a time zone")
+    # Python keeps microseconds; cut nanoseconds rather than refuse them.
+    v = re.sub(r"(\.\d{6})\d+", r"\1", v)
+    try:
+        ts = datetime.fromisoformat(v.replace("z", "Z"))
+        ts.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"not a valid timestamp: {exc}") from None
+    return ts
+
+
+def _finite(v: float | None) -> float | None:
+    if v is not None and not math.isfinite(v):
+        raise ValueError("must be finite")
+    return v
+
+
+UuidStr = Annotated[uuid.UUID, BeforeValidator(_require_str)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_parse_timestamp)]
+Text = Annotated[str, Strict(), BeforeValidator(_require_str)]
+PhoneNumber = Annotated[Text, Field(pattern=E164_PATTERN, max_length=16)]
+
+
+class InitiationFields(BaseModel):
+    """What an ``initiation`` carries into its new ``calls`` row."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    from_number: PhoneNumber
+    to_number: PhoneNumber
+    agent_id: UuidStr | None = None
+
+
+class TerminationFields(BaseModel):
+    """What a ``termination`` may set on its ``calls`` row; absent means unchanged."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    status: Annotated[Text, Field(min_length=1, max_length=50)] = "completed"
+    duration_seconds: (
+        Annotated[float, Strict(), Field(ge=0, le=MAX_DURATION_S, allow_inf_nan=False)] | None
+    ) = None
+    recording_url: Text | None = None
+    transcript: Text | None = None
+    sentiment_score: Annotated[float, Strict(), Field(allow_inf_nan=False)] | None = None
+    cost_cents: Annotated[int, Strict(), Field(ge=0, le=INT4_MAX)] | None = None
+
+
+class CallEventMessage(BaseModel):
+    """The JSON object a producer publishes (exported as ``schema/call_event.schema.json``).
+
+    The call fields (``from_number`` ... ``cost_cents``) may stand at the top level or
+    inside ``event_data``; a top-level value wins. They are checked only for the event
+    types that use them.
+    """
+
+    model_config = ConfigDict(
+        extra="allow",
+        frozen=True,
+        title="CallEvent",
+        json_schema_extra={"additionalProperties": True},
+    )
+
+    id: UuidStr | None = Field(
+        default=None,
+        description="Event UUID. When absent: UUIDv5 of (topic, partition, offset).",
+    )
+    call_id: UuidStr
+    event_type: EventType
+    event_data: dict[str, JsonValue]
+    created_at: Timestamp | None = Field(
+        default=None,
+        description="Event time, RFC 3339 with a time zone. When absent: the record timestamp.",
+    )
+    from_number: PhoneNumber | None = None
+    to_number: PhoneNumber | None = None
+    agent_id: UuidStr | None = None
+    status: Annotated[Text, Field(min_length=1, max_length=50)] | None = None
+    duration_seconds: Annotated[float, Field(ge=0, le=MAX_DURATION_S)] | None = None
+    recording_url: Text | None = None
+    transcript: Text | None = None
+    sentiment_score: float | None = None
+    cost_cents: Annotated[int, Field(ge=0, le=INT4_MAX)] | None = None
+
+
+_ENVELOPE_KEYS: Final = frozenset({"id", "call_id", "event_type", "event_data", "created_at"})
+_INITIATION_KEYS: Final = tuple(InitiationFields.model_fields)
+_TERMINATION_KEYS: Final = tuple(TerminationFields.model_fields)
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: UuidStr | None = None
+    call_id: UuidStr
+    event_type: EventType
+    event_data: dict[str, Any]
+    created_at: Timestamp | None = None
+
+
+_envelope: Final = TypeAdapter(_Envelope)
+_initiation: Final = TypeAdapter(InitiationFields)
+_termination: Final = TypeAdapter(TerminationFields)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRef:
+    """Where a record came from; also what a redelivery has in common with the original."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallEvent:
+    """A validated event, ready for the database: every value fits its column."""
+
+    id: uuid.UUID
+    call_id: uuid.UUID
+    event_type: str
+    event_data_json: str
+    created_at: datetime
+    ref: RecordRef
+    initiation: InitiationFields | None = None
+    termination: TerminationFields | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a record cannot be stored: a short reason code and the first error, readable."""
+
+    reason: str
+    detail: str
+
+
+def derive_event_id(ref: RecordRef) -> uuid.UUID:
+    """The deterministic id of an event published without one."""
+    return uuid.uuid5(EVENT_ID_NAMESPACE, f"{ref.topic}/{ref.partition}/{ref.offset}")
+
+
+def contains_nul(value: Any) -> bool:
+    """True when a NUL character stands in any string or key of a decoded JSON value."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or contains_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(contains_nul(v) for v in value)
+    return False
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "value"
+    return f"{loc}: {err['msg']}"
+
+
+def decode(value: bytes | None, ref: RecordRef, timestamp_ms: int | None) -> CallEvent | Rejection:
+    """Decode and validate one record's value.
+
+    ``timestamp_ms`` is the Kafka record timestamp, used when the event has no ``created_at``.
+    """
+    if value is None:
+        return Rejection(INVALID_JSON, "record has no value (tombstone)")
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        return Rejection(INVALID_JSON, f"not JSON: {exc}")
+    if not isinstance(obj, dict):
+        return Rejection(INVALID_EVENT, f"value: must be a JSON object, got {type(obj).__name__}")
+    try:
+        env = _envelope.validate_python(obj)
+    except ValidationError as exc:
+        return Rejection(INVALID_EVENT, _first_error(exc))
+    # PostgreSQL refuses NUL in text and jsonb; the escape is rare, so only then walk the data.
+    if b"\\u0000" in value and contains_nul(env.event_data):
+        return Rejection(INVALID_EVENT, "event_data: must not contain NUL (\\u0000)")
+
+    created_at = env.created_at
+    if created_at is None:
+        if timestamp_ms is None or timestamp_ms < 0:
+            return Rejection(INVALID_EVENT, "created_at: absent and the record has no timestamp")
+        try:
+            created_at = datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
+        except (ValueError, OverflowError, OSError):
+            return Rejection(
+                INVALID_EVENT,
+                f"created_at: absent, and the record timestamp {timestamp_ms} is out of range",
+            )
+
+    initiation: InitiationFields | None = None
+    termination: TerminationFields | None = None
+    try:
+        if env.event_type == "initiation":
+            initiation = _initiation.validate_python(_call_fields(obj, env, _INITIATION_KEYS))
+        elif env.event_type == "termination":
+            termination = _termination.validate_python(_call_fields(obj, env, _TERMINATION_KEYS))
+    except ValidationError as exc:
+        return Rejection(INVALID_EVENT, _first_error(exc))
+
+    return CallEvent(
+        id=env.id if env.id is not None else derive_event_id(ref),
+        call_id=env.call_id,
+        event_type=env.event_type,
+        event_data_json=orjson.dumps(env.event_data).decode(),
+        created_at=created_at,
+        ref=ref,
+        initiation=initiation,
+        termination=termination,
+    )
+
+
+def _call_fields(obj: dict[str, Any], env: _Envelope, keys: tuple[str, ...]) -> dict[str, Any]:
+    fields = {k: env.event_data[k] for k in keys if k in env.event_data}
+    fields.update({k: obj[k] for k in keys if k in obj and k not in _ENVELOPE_KEYS})
+    return fields
+
+
+def json_schema() -> dict[str, Any]:
+    """The contract as JSON Schema (draft 2020-12), as exported to ``schema/``."""
+    schema = CallEventMessage.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["description"] = (
+        "One call-lifecycle event, published as the UTF-8 JSON value of a Kafka record "
+        "keyed by call_id. initiation requires from_number and to_number (E.164)."
+    )
+    return schema

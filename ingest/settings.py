@@ -1,0 +1,217 @@
+"""Configuration: one typed object, read from the environment once at start.
+
+Every variable is listed in the README. A wrong or missing value raises
+``ConfigError`` naming the variable; the CLI prints that one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+T = TypeVar("T")
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; the message names the variable."""
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (safe for logs); never raises."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit((parts.scheme, f"{user}:***@{hostport}", parts.path, parts.query, ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """All of ingest's configuration; see the README's configuration table."""
+
+    database_url: str = field(repr=False)
+    database_pool_min: int = 2
+    database_pool_max: int = 10
+    database_idle_timeout_ms: int = 10_000
+    database_connection_timeout_ms: int = 2_000
+    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_topics: tuple[str, ...] = ("call-events",)
+    kafka_group_id: str = "call-events-ingest"
+    kafka_dlq_topic: str = "call-events.dlq"
+    kafka_dlq_create: bool = False
+    kafka_dlq_partitions: int = 0
+    kafka_dlq_replication: int = 0
+    kafka_session_timeout_ms: int = 10_000
+    kafka_heartbeat_interval_ms: int = 3_000
+    kafka_max_poll_interval_ms: int = 300_000
+    batch_max_events: int = 5_000
+    batch_max_wait_ms: int = 200
+    http_port: int = 8080
+    shutdown_timeout_s: float = 25.0
+    rebalance_timeout_s: float = 10.0
+    retry_max_backoff_s: float = 10.0
+    chunk_interval: str = "1 day"
+    log_level: str = "info"
+
+    @property
+    def database_url_redacted(self) -> str:
+        """The database URL with its password hidden."""
+        return redact_url(self.database_url)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from ``env`` (default ``os.environ``); ConfigError on the first bad one."""
+        e = os.environ if env is None else env
+        d = cls.__dataclass_fields__
+
+        def get(name: str, parse: Callable[[str, str], T], attr: str) -> T:
+            raw = _value(e, name)
+            if raw is None:
+                default = d[attr].default
+                return default  # type: ignore[return-value]
+            return parse(name, raw)
+
+        url = _value(e, "DATABASE_URL")
+        if not url:
+            raise ConfigError("DATABASE_URL is required (e.g. postgresql://user@host:5432/db)")
+        if urlsplit(url).scheme not in ("postgres", "postgresql"):
+            raise ConfigError("DATABASE_URL must start with postgresql:// or postgres://")
+
+        s = cls(
+            database_url=url,
+            database_pool_min=get("DATABASE_POOL_MIN", _int(0, 1000), "database_pool_min"),
+            database_pool_max=get("DATABASE_POOL_MAX", _int(1, 1000), "database_pool_max"),
+            database_idle_timeout_ms=get(
+                "DATABASE_IDLE_TIMEOUT", _int(0, 86_400_000), "database_idle_timeout_ms"
+            ),
+            database_connection_timeout_ms=get(
+                "DATABASE_CONNECTION_TIMEOUT", _int(1, 600_000), "database_connection_timeout_ms"
+            ),
+            kafka_bootstrap_servers=get(
+                "KAFKA_BOOTSTRAP_SERVERS", _text, "kafka_bootstrap_servers"
+            ),
+            kafka_topics=get("KAFKA_TOPICS", _topics, "kafka_topics"),
+            kafka_group_id=get("KAFKA_GROUP_ID", _text, "kafka_group_id"),
+            kafka_dlq_topic=get("KAFKA_DLQ_TOPIC", _text, "kafka_dlq_topic"),
+            kafka_dlq_create=get("KAFKA_DLQ_CREATE", _bool, "kafka_dlq_create"),
+            kafka_dlq_partitions=get(
+                "KAFKA_DLQ_PARTITIONS", _int(0, 10_000), "kafka_dlq_partitions"
+            ),
+            kafka_dlq_replication=get(
+                "KAFKA_DLQ_REPLICATION_FACTOR", _int(0, 100), "kafka_dlq_replication"
+            ),
+            kafka_session_timeout_ms=get(
+                "KAFKA_SESSION_TIMEOUT_MS", _int(1_000, 3_600_000), "kafka_session_timeout_ms"
+            ),
+            kafka_heartbeat_interval_ms=get(
+                "KAFKA_HEARTBEAT_INTERVAL_MS", _int(100, 3_600_000), "kafka_heartbeat_interval_ms"
+            ),
+            kafka_max_poll_interval_ms=get(
+                "KAFKA_MAX_POLL_INTERVAL_MS", _int(1_000, 86_400_000), "kafka_max_poll_interval_ms"
+            ),
+            batch_max_events=get("INGEST_BATCH_MAX_EVENTS", _int(1, 100_000), "batch_max_events"),
+            batch_max_wait_ms=get("INGEST_BATCH_MAX_WAIT_MS", _int(1, 60_000), "batch_max_wait_ms"),
+            http_port=get("INGEST_HTTP_PORT", _int(0, 65_535), "http_port"),
+            shutdown_timeout_s=get(
+                "INGEST_SHUTDOWN_TIMEOUT_S", _float(1, 3600), "shutdown_timeout_s"
+            ),
+            rebalance_timeout_s=get(
+                "INGEST_REBALANCE_TIMEOUT_S", _float(0, 600), "rebalance_timeout_s"
+            ),
+            retry_max_backoff_s=get(
+                "INGEST_RETRY_MAX_BACKOFF_S", _float(0.1, 600), "retry_max_backoff_s"
+            ),
+            chunk_interval=get("INGEST_CHUNK_INTERVAL", _text, "chunk_interval"),
+            log_level=get("LOG_LEVEL", _log_level, "log_level"),
+        )
+        if s.database_pool_min > s.database_pool_max:
+            raise ConfigError(
+                f"DATABASE_POOL_MIN ({s.database_pool_min}) must not exceed "
+                f"DATABASE_POOL_MAX ({s.database_pool_max})"
+            )
+        if s.kafka_heartbeat_interval_ms >= s.kafka_session_timeout_ms:
+            raise ConfigError(
+                "KAFKA_HEARTBEAT_INTERVAL_MS must be lower than KAFKA_SESSION_TIMEOUT_MS"
+            )
+        if s.kafka_dlq_topic in s.kafka_topics:
+            raise ConfigError("KAFKA_DLQ_TOPIC must not be one of KAFKA_TOPICS")
+        return s
+
+
+def _value(env: Mapping[str, str], name: str) -> str | None:
+    """The variable's value; ``NAME_FILE`` (a mounted secret) is read when ``NAME`` is unset."""
+    raw = env.get(name)
+    if raw is not None and raw.strip() != "":
+        return raw.strip()
+    path = env.get(f"{name}_FILE")
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE: cannot read {path!r}: {exc.strerror}") from None
+    return None
+
+
+def _text(name: str, raw: str) -> str:
+    if not raw:
+        raise ConfigError(f"{name} must not be empty")
+    return raw
+
+
+def _int(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            v = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if not lo <= v <= hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi}, got {v}")
+        return v
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            v = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not lo <= v <= hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi}, got {v}")
+        return v
+
+    return parse
+
+
+def _bool(name: str, raw: str) -> bool:
+    low = raw.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _topics(name: str, raw: str) -> tuple[str, ...]:
+    topics = tuple(t.strip() for t in raw.split(",") if t.strip())
+    if not topics:
+        raise ConfigError(f"{name} must name at least one topic")
+    return topics
+
+
+def _log_level(name: str, raw: str) -> str:
+    low = raw.lower()
+    if low not in LOG_LEVELS:
+        raise ConfigError(f"{name} must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return low
