@@ -1,0 +1,180 @@
+"""The ``ingest`` command: run, migrate, produce, report, schema.
+
+Exit codes: 0 done, 1 failed, 2 bad configuration or usage (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import asyncpg
+import orjson
+
+from ingest import __version__
+from ingest.settings import ConfigError, Settings, redact_url
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ingest", description="Kafka call events -> PostgreSQL / TimescaleDB."
+    )
+    p.add_argument("--version", action="version", version=f"ingest {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", help="run the worker (configuration from the environment)")
+
+    m = sub.add_parser("migrate", help="schema migrations")
+    msub = m.add_subparsers(dest="verb", required=True)
+    up = msub.add_parser("up", help="apply pending migrations")
+    up.add_argument("--to", help="stop after this version")
+    down = msub.add_parser("down", help="revert applied migrations, newest first")
+    down.add_argument("--steps", type=int, default=1)
+    msub.add_parser("status", help="applied and pending migrations; hypertable or not")
+    create = msub.add_parser("create", help="write an empty migration file")
+    create.add_argument("name")
+
+    pr = sub.add_parser("produce", help="publish synthetic call events")
+    pr.add_argument("--calls", type=int, default=1000)
+    pr.add_argument("--rate", type=float, default=0.0, help="events/s; 0 = as fast as possible")
+    pr.add_argument("--invalid-fraction", type=float, default=0.0)
+    pr.add_argument("--topic", help="default: the first of KAFKA_TOPICS")
+    pr.add_argument("--seed", type=int)
+
+    sub.add_parser("report", help="calls by status, events by type, from the database")
+    sc = sub.add_parser("schema", help="print the event contract as JSON Schema")
+    sc.add_argument("--output", type=Path)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "schema":
+            return _schema(args.output)
+        if args.command == "migrate" and args.verb == "create":
+            from ingest import migrate
+
+            print(migrate.create(args.name))
+            return 0
+        if args.command == "produce":
+            return _produce(args)
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"ingest: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from ingest import logs
+
+    logs.configure(settings.log_level)
+    if args.command == "run":
+        return _run(settings)
+    if args.command == "migrate":
+        return asyncio.run(_migrate(settings, args))
+    if args.command == "report":
+        return asyncio.run(_report(settings))
+    raise AssertionError(args.command)
+
+
+def _schema(output: Path | None) -> int:
+    from ingest.contract import json_schema
+
+    text = orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    if output is None:
+        sys.stdout.write(text.decode() + "\n")
+    else:
+        output.write_bytes(text + b"\n")
+    return 0
+
+
+def _run(settings: Settings) -> int:
+    from ingest.worker import Worker
+
+    async def main() -> None:
+        worker = Worker(settings)
+        worker.install_signal_handlers()
+        await worker.run()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+    return 0
+
+
+async def _connect(settings: Settings) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(
+            settings.database_url, timeout=settings.database_connection_timeout_ms / 1000
+        )
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise SystemExit(
+            f"ingest: cannot connect to {settings.database_url_redacted}: "
+            f"{type(exc).__name__}: {redact_url(str(exc))}"
+        ) from None
+
+
+async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest import migrate
+
+    conn = await _connect(settings)
+    try:
+        migrator = migrate.Migrator(conn, migrate.discover(), settings.chunk_interval)
+        if args.verb == "up":
+            done = await migrator.up(args.to)
+            for m in done:
+                print(f"applied  {m.version}_{m.name}")
+            print(f"{len(done)} migration(s) applied")
+        elif args.verb == "down":
+            undone = await migrator.down(args.steps)
+            for m in undone:
+                print(f"reverted {m.version}_{m.name}")
+            print(f"{len(undone)} migration(s) reverted")
+        else:
+            st = await migrator.status()
+            for s in st.migrations:
+                state = f"applied {s.applied_at:%Y-%m-%d %H:%M:%S}" if s.applied_at else "pending"
+                flag = "  (file changed since applied)" if s.changed else ""
+                print(f"{s.version}_{s.name:<30} {state}{flag}")
+            print(
+                f"timescaledb: {'installed' if st.timescaledb else 'not installed'}; "
+                f"call_events: {'hypertable' if st.hypertable else 'plain table'}"
+            )
+    except (migrate.MigrationError, asyncpg.PostgresError) as exc:
+        print(f"ingest: migrate {args.verb} failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
+    return 0
+
+
+async def _report(settings: Settings) -> int:
+    from ingest.report import summary
+
+    conn = await _connect(settings)
+    try:
+        print(await summary(conn))
+    finally:
+        await conn.close()
+    return 0
+
+
+def _produce(args: argparse.Namespace) -> int:
+    import os
+
+    from ingest.produce import produce
+
+    if not 0 <= args.invalid_fraction <= 1:
+        raise ConfigError("--invalid-fraction must be between 0 and 1")
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092")
+    topic = args.topic or os.environ.get("KAFKA_TOPICS", "call-events").split(",")[0].strip()
+    asyncio.run(produce(bootstrap, topic, args.calls, args.rate, args.invalid_fraction, args.seed))
+    return 0

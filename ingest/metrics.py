@@ -1,0 +1,66 @@
+"""Every metric ingest exports, defined in one place (names follow Prometheus conventions).
+
+Label values are bounded: topics and partitions come from configuration and the broker,
+reasons from ``deadletter.REASONS``, SQLSTATE classes from ``policy.sqlstate_class``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+from ingest import __version__
+
+EVENTS_CONSUMED: Final = Counter("ingest_events_consumed", "Records read from Kafka.", ["topic"])
+EVENTS_WRITTEN: Final = Counter("ingest_events_written", "Events stored in call_events.")
+EVENTS_DEAD_LETTERED: Final = Counter(
+    "ingest_events_dead_lettered", "Records sent to the dead-letter topic.", ["reason"]
+)
+EVENTS_DUPLICATE: Final = Counter(
+    "ingest_events_duplicate", "Events dropped because their id was already stored."
+)
+EVENTS_FENCED: Final = Counter(
+    "ingest_events_fenced", "Records skipped because another owner had already stored them."
+)
+CALLS_TERMINATED: Final = Counter("ingest_calls_terminated", "Calls closed by a termination.")
+BATCH_EVENTS: Final = Histogram(
+    "ingest_batch_events",
+    "Records per written batch.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000),
+)
+BATCH_WRITE_SECONDS: Final = Histogram(
+    "ingest_batch_write_seconds",
+    "Time to store one batch, transaction and dead letters included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+EVENT_FRESHNESS_SECONDS: Final = Histogram(
+    "ingest_event_freshness_seconds",
+    "Commit time minus the event's created_at.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+CONSUMER_LAG: Final = Gauge(
+    "ingest_consumer_lag_records",
+    "High watermark minus the next offset to store, per assigned partition.",
+    ["topic", "partition"],
+)
+PARTITIONS_ASSIGNED: Final = Gauge("ingest_partitions_assigned", "Partitions this replica owns.")
+PARTITIONS_PAUSED: Final = Gauge("ingest_partitions_paused", "Partitions paused by backpressure.")
+DB_POOL_CONNECTIONS: Final = Gauge(
+    "ingest_db_pool_connections", "Database pool connections by state.", ["state"]
+)
+DB_ERRORS: Final = Counter(
+    "ingest_db_errors", "Database errors by SQLSTATE class.", ["sqlstate_class"]
+)
+RETRIES: Final = Counter("ingest_retries", "Retried operations by target.", ["target"])
+OFFSET_RESETS: Final = Counter(
+    "ingest_offset_resets",
+    "Partitions whose position was out of range on the broker and was reset to the earliest.",
+    ["topic"],
+)
+BREAKER_OPEN: Final = Gauge(
+    "ingest_dlq_breaker_open", "1 while the dead-letter circuit breaker stops consumption."
+)
+READY: Final = Gauge("ingest_ready", "1 while /readyz answers 200.")
+BUILD_INFO: Final = Info("ingest_build", "Build information.")
+BUILD_INFO.info({"version": __version__})

@@ -1,0 +1,105 @@
+"""Error policy, in one place: what a failure means and how long to wait before the next try.
+
+PostgreSQL errors are judged by SQLSTATE class:
+- ``DATA`` (22 data exception, 23 integrity violation): the batch is bisected and the
+  offending records are dead-lettered as ``db_rejected``;
+- ``TRANSIENT`` (08 connection, 40 serialization/deadlock, 53 resources, 55 lock not
+  available, 57 operator intervention, 58 system, timeouts, broker errors): the same batch
+  is retried with capped exponential backoff and jitter;
+- ``STANDING`` (42 undefined object / privilege, 3D database missing, 28 authentication,
+  0A unsupported, 2B/3F): consumption pauses, readiness fails, retried slowly, logged once
+  a minute; never dead-lettered because of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiokafka.errors import KafkaError
+
+UNIQUE_VIOLATION = "23505"
+
+
+class Disposition(enum.Enum):
+    """What to do about a failure."""
+
+    DATA = "data"
+    TRANSIENT = "transient"
+    STANDING = "standing"
+
+
+_STANDING_CLASSES = frozenset({"42", "3D", "28", "0A", "2B", "3F", "0L", "0P", "44"})
+_DATA_CLASSES = frozenset({"22", "23"})
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error, or None for anything else."""
+    state = getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) and len(state) == 5 else None
+
+
+def sqlstate_class(exc: BaseException) -> str:
+    """A bounded label for metrics: the SQLSTATE class, or ``connection`` / ``other``."""
+    state = sqlstate_of(exc)
+    if state is not None:
+        return state[:2]
+    if isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
+        return "connection"
+    return "other"
+
+
+def classify(exc: BaseException) -> Disposition:
+    """Judge one failure of a database write or a broker call."""
+    state = sqlstate_of(exc)
+    if state is not None:
+        # A concurrent writer stored the same event key between our duplicate check and our
+        # COPY (possible only across partitions); the retry's check will see it committed.
+        if state == UNIQUE_VIOLATION:
+            return Disposition.TRANSIENT
+        cls = state[:2]
+        if cls in _DATA_CLASSES:
+            return Disposition.DATA
+        if cls in _STANDING_CLASSES:
+            return Disposition.STANDING
+        return Disposition.TRANSIENT
+    if isinstance(
+        exc, asyncpg.InvalidCatalogNameError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return Disposition.STANDING
+    return Disposition.TRANSIENT
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Errors a retry may cure; anything else is a bug and is raised."""
+    return isinstance(
+        exc,
+        asyncpg.PostgresError
+        | asyncpg.InterfaceError
+        | OSError
+        | asyncio.TimeoutError
+        | KafkaError,
+    )
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Capped exponential backoff with "equal jitter": half the delay fixed, half random."""
+
+    base_s: float = 0.1
+    cap_s: float = 10.0
+    attempt: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        """The delay before the next try; grows with every call until ``reset``."""
+        ceiling = min(self.cap_s, self.base_s * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        """Start over after a success."""
+        self.attempt = 0

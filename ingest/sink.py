@@ -1,0 +1,362 @@
+"""The sink: writes one batch into PostgreSQL in one transaction; owns the worker's SQL.
+
+Per batch, in one transaction:
+
+1. lock this group's stored positions of the batch's partitions (``ingest_consumer_offsets``)
+   and drop records below them: another owner already stored them (the fence);
+2. drop repeats of an event id (in the batch: first wins; in the table: already stored);
+3. dead-letter initiations naming a missing agent and events of calls that do not exist;
+4. create ``calls`` rows, COPY ``call_events``, apply call updates, in a savepoint; on a data
+   error (SQLSTATE 22/23) bisect until the offending records are isolated;
+5. publish the dead letters and wait for the broker's acknowledgement;
+6. advance the stored positions past the whole batch, then COMMIT.
+
+Only after that commit may the Kafka offsets move on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from ingest.contract import CallEvent, RecordRef, Rejection
+from ingest.deadletter import (
+    DB_REJECTED,
+    UNKNOWN_AGENT,
+    UNKNOWN_CALL,
+    DeadLetter,
+    DeadLetterPublisher,
+)
+from ingest.policy import Disposition, classify, sqlstate_of
+
+TopicPartitionKey = tuple[str, int]
+
+_LOCK_POSITIONS = """
+INSERT INTO ingest_consumer_offsets AS o (consumer_group, topic, partition, next_offset)
+SELECT $1, v.topic, v.partition, 0
+FROM unnest($2::text[], $3::int[]) AS v(topic, partition)
+ORDER BY v.topic, v.partition
+ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = o.next_offset
+RETURNING o.topic, o.partition, o.next_offset
+"""
+
+_ADVANCE_POSITIONS = """
+UPDATE ingest_consumer_offsets AS o
+SET next_offset = v.next_offset, updated_at = now()
+FROM unnest($2::text[], $3::int[], $4::bigint[]) AS v(topic, partition, next_offset)
+WHERE o.consumer_group = $1 AND o.topic = v.topic AND o.partition = v.partition
+  AND o.next_offset < v.next_offset
+"""
+
+_LOAD_POSITIONS = """
+SELECT topic, partition, next_offset FROM ingest_consumer_offsets WHERE consumer_group = $1
+"""
+
+_EXISTING_EVENT_IDS = "SELECT id FROM call_events WHERE id = ANY($1::uuid[])"
+_EXISTING_CALLS = "SELECT id FROM calls WHERE id = ANY($1::uuid[])"
+_EXISTING_AGENTS = "SELECT id FROM agents WHERE id = ANY($1::uuid[])"
+
+_INSERT_CALLS = """
+INSERT INTO calls (id, from_number, to_number, agent_id, status, created_at, updated_at)
+SELECT v.id, v.from_number, v.to_number, v.agent_id, 'initiated', v.created_at, now()
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::timestamptz[])
+     AS v(id, from_number, to_number, agent_id, created_at)
+ON CONFLICT (id) DO NOTHING
+"""
+
+_ANSWER_CALLS = """
+UPDATE calls SET status = 'in_progress', updated_at = now()
+WHERE id = ANY($1::uuid[]) AND status = 'initiated' AND ended_at IS NULL
+"""
+
+# A call with ended_at set is terminated: later terminations (and answers) leave it alone.
+_TERMINATE_CALLS = """
+UPDATE calls AS c SET
+    status = t.status,
+    ended_at = t.ended_at,
+    duration = COALESCE(make_interval(secs => t.duration_s), t.ended_at - c.created_at),
+    recording_url = COALESCE(t.recording_url, c.recording_url),
+    transcript = COALESCE(t.transcript, c.transcript),
+    sentiment_score = COALESCE(t.sentiment_score, c.sentiment_score),
+    cost_cents = COALESCE(t.cost_cents, c.cost_cents),
+    updated_at = now()
+FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::float8[], $5::text[], $6::text[],
+            $7::float8[], $8::int4[])
+     AS t(id, status, ended_at, duration_s, recording_url, transcript, sentiment_score,
+          cost_cents)
+WHERE c.id = t.id AND c.ended_at IS NULL
+"""
+
+_TOUCH_AGENTS = """
+UPDATE agents AS a SET last_used_at = v.used_at
+FROM (SELECT agent_id, max(used_at) AS used_at
+      FROM unnest($1::uuid[], $2::timestamptz[]) AS u(agent_id, used_at)
+      GROUP BY agent_id) AS v
+WHERE a.id = v.agent_id AND (a.last_used_at IS NULL OR a.last_used_at < v.used_at)
+"""
+
+_EVENT_COLUMNS = ("id", "call_id", "event_type", "event_data", "created_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One consumed record with what decoding made of it."""
+
+    ref: RecordRef
+    key: bytes | None
+    value: bytes | None
+    decoded: CallEvent | Rejection
+
+
+@dataclass(slots=True)
+class WriteResult:
+    """What one committed batch did."""
+
+    written: list[CallEvent] = field(default_factory=list)
+    duplicates: int = 0
+    fenced: int = 0
+    terminated: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    positions: dict[TopicPartitionKey, int] = field(default_factory=dict)
+
+
+def _rows_updated(status: str) -> int:
+    try:
+        return int(status.rsplit(" ", 1)[-1])
+    except ValueError:
+        return 0
+
+
+def _dead(item: Item, reason: str, detail: str, sqlstate: str | None = None) -> DeadLetter:
+    return DeadLetter(item.ref, item.key, item.value, reason, detail, sqlstate)
+
+
+class BatchWriter:
+    """Stores batches of consumed records for one consumer group, exactly once per event."""
+
+    def __init__(self, pool: asyncpg.Pool, group_id: str, publisher: DeadLetterPublisher) -> None:
+        self._pool = pool
+        self._group = group_id
+        self._publisher = publisher
+
+    async def ping(self) -> None:
+        """Raise unless the database answers."""
+        async with self._pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def load_positions(self) -> dict[TopicPartitionKey, int]:
+        """The next offset to read per partition, as stored with the data."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_LOAD_POSITIONS, self._group)
+        return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+
+    async def write(self, items: Sequence[Item]) -> WriteResult:
+        """Store a batch in one transaction; return only once it has committed.
+
+        Raises whatever PostgreSQL or the broker raised when the batch could not be
+        committed; nothing of it is then stored, and the caller retries the same batch.
+        """
+        result = WriteResult()
+        if not items:
+            return result
+        async with self._pool.acquire() as conn, conn.transaction():
+            stored = await self._lock_positions(conn, items)
+            live = [i for i in items if i.ref.offset >= stored[(i.ref.topic, i.ref.partition)]]
+            result.fenced = len(items) - len(live)
+
+            events: list[Item] = []
+            for item in live:
+                if isinstance(item.decoded, Rejection):
+                    rej = item.decoded
+                    result.dead_letters.append(_dead(item, rej.reason, rej.detail))
+                else:
+                    events.append(item)
+
+            events = await self._drop_repeats(conn, events, result)
+            events = await self._drop_orphans(conn, events, result)
+            stored_events, rejected, result.terminated = await self._store(conn, events)
+            result.dead_letters.extend(rejected)
+            result.written = [_event(i) for i in stored_events]
+
+            await self._publisher.publish(result.dead_letters)
+
+            result.positions = self._next_positions(items, stored)
+            keys = sorted(result.positions)
+            await conn.execute(
+                _ADVANCE_POSITIONS,
+                self._group,
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+                [result.positions[k] for k in keys],
+            )
+        self._publisher.forget(dl.ref for dl in result.dead_letters)
+        return result
+
+    async def _lock_positions(
+        self, conn: asyncpg.Connection, items: Sequence[Item]
+    ) -> dict[TopicPartitionKey, int]:
+        keys = sorted({(i.ref.topic, i.ref.partition) for i in items})
+        rows = await conn.fetch(
+            _LOCK_POSITIONS, self._group, [k[0] for k in keys], [k[1] for k in keys]
+        )
+        return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+
+    @staticmethod
+    def _next_positions(
+        items: Sequence[Item], stored: dict[TopicPartitionKey, int]
+    ) -> dict[TopicPartitionKey, int]:
+        nxt = dict(stored)
+        for i in items:
+            k = (i.ref.topic, i.ref.partition)
+            nxt[k] = max(nxt[k], i.ref.offset + 1)
+        return nxt
+
+    @staticmethod
+    async def _drop_repeats(
+        conn: asyncpg.Connection, events: list[Item], result: WriteResult
+    ) -> list[Item]:
+        seen: set[UUID] = set()
+        unique: list[Item] = []
+        for item in events:
+            eid = _event(item).id
+            if eid in seen:
+                result.duplicates += 1
+                continue
+            seen.add(eid)
+            unique.append(item)
+        if not unique:
+            return unique
+        existing = {r["id"] for r in await conn.fetch(_EXISTING_EVENT_IDS, list(seen))}
+        if existing:
+            result.duplicates += sum(1 for i in unique if _event(i).id in existing)
+            unique = [i for i in unique if _event(i).id not in existing]
+        return unique
+
+    @staticmethod
+    async def _drop_orphans(
+        conn: asyncpg.Connection, events: list[Item], result: WriteResult
+    ) -> list[Item]:
+        agent_ids = {
+            e.initiation.agent_id
+            for e in map(_event, events)
+            if e.initiation is not None and e.initiation.agent_id is not None
+        }
+        known_agents: set[UUID] = set()
+        if agent_ids:
+            known_agents = {r["id"] for r in await conn.fetch(_EXISTING_AGENTS, list(agent_ids))}
+        call_ids = {e.call_id for e in map(_event, events) if e.event_type != "initiation"}
+        known_calls: set[UUID] = set()
+        if call_ids:
+            known_calls = {r["id"] for r in await conn.fetch(_EXISTING_CALLS, list(call_ids))}
+
+        kept: list[Item] = []
+        for item in events:
+            e = _event(item)
+            if e.initiation is not None:
+                agent = e.initiation.agent_id
+                if agent is not None and agent not in known_agents:
+                    result.dead_letters.append(
+                        _dead(item, UNKNOWN_AGENT, f"agent_id: no agent {agent}")
+                    )
+                    continue
+                known_calls.add(e.call_id)
+            elif e.call_id not in known_calls:
+                result.dead_letters.append(
+                    _dead(item, UNKNOWN_CALL, f"call_id: no call {e.call_id} and no initiation")
+                )
+                continue
+            kept.append(item)
+        return kept
+
+    async def _store(
+        self, conn: asyncpg.Connection, items: list[Item]
+    ) -> tuple[list[Item], list[DeadLetter], int]:
+        """Insert in a savepoint; on a data error, bisect to isolate the rejected records.
+
+        Returns the stored items, the dead letters and the number of calls terminated.
+        """
+        if not items:
+            return [], [], 0
+        try:
+            async with conn.transaction():
+                terminated = await self._insert(conn, [_event(i) for i in items])
+        except asyncpg.PostgresError as exc:
+            if classify(exc) is not Disposition.DATA:
+                raise
+            if len(items) == 1:
+                detail = f"{type(exc).__name__}: {exc}"
+                return [], [_dead(items[0], DB_REJECTED, detail, sqlstate_of(exc))], 0
+            mid = len(items) // 2
+            ok_a, dead_a, term_a = await self._store(conn, items[:mid])
+            ok_b, dead_b, term_b = await self._store(conn, items[mid:])
+            return ok_a + ok_b, dead_a + dead_b, term_a + term_b
+        return items, [], terminated
+
+    @staticmethod
+    async def _insert(conn: asyncpg.Connection, events: list[CallEvent]) -> int:
+        inits = [e for e in events if e.initiation is not None]
+        if inits:
+            await conn.execute(
+                _INSERT_CALLS,
+                [e.call_id for e in inits],
+                [e.initiation.from_number for e in inits if e.initiation is not None],
+                [e.initiation.to_number for e in inits if e.initiation is not None],
+                [e.initiation.agent_id for e in inits if e.initiation is not None],
+                [e.created_at for e in inits],
+            )
+        await conn.copy_records_to_table(
+            "call_events",
+            records=[
+                (e.id, e.call_id, e.event_type, e.event_data_json, e.created_at) for e in events
+            ],
+            columns=_EVENT_COLUMNS,
+        )
+        answered = list({e.call_id for e in events if e.event_type == "answer"})
+        if answered:
+            await conn.execute(_ANSWER_CALLS, answered)
+        agents: dict[UUID, datetime] = {}
+        for e in inits:
+            aid = e.initiation.agent_id if e.initiation is not None else None
+            if aid is not None and (aid not in agents or agents[aid] < e.created_at):
+                agents[aid] = e.created_at
+        if agents:
+            await conn.execute(_TOUCH_AGENTS, list(agents), list(agents.values()))
+        # Terminations run inside the same savepoint so a rejected one is isolated too.
+        return await BatchWriter._terminate(conn, events)
+
+    @staticmethod
+    async def _terminate(conn: asyncpg.Connection, events: list[CallEvent]) -> int:
+        firsts: dict[UUID, CallEvent] = {}
+        for e in events:
+            if e.termination is not None and e.call_id not in firsts:
+                firsts[e.call_id] = e
+        if not firsts:
+            return 0
+        rows: list[tuple[Any, ...]] = []
+        for e in firsts.values():
+            t = e.termination
+            assert t is not None
+            rows.append(
+                (
+                    e.call_id,
+                    t.status,
+                    e.created_at,
+                    t.duration_seconds,
+                    t.recording_url,
+                    t.transcript,
+                    t.sentiment_score,
+                    t.cost_cents,
+                )
+            )
+        status = await conn.execute(_TERMINATE_CALLS, *map(list, zip(*rows, strict=True)))
+        return _rows_updated(status)
+
+
+def _event(item: Item) -> CallEvent:
+    assert isinstance(item.decoded, CallEvent)
+    return item.decoded
