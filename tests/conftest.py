@@ -1,0 +1,80 @@
+"""Shared fixtures: a throwaway database on a real PostgreSQL server, a real Kafka-protocol
+broker (Tansu on a free port, or ``KAFKA_BOOTSTRAP_SERVERS``), fresh topics per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from ingest.devbroker import TansuBroker
+from ingest.migrate import Migrator, discover
+from tests.support import Topics, create_topics
+
+TEST_DATABASE_URL = os.environ.get(
+    "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _with_db(url: str, name: str) -> str:
+    p = urlsplit(url)
+    return urlunsplit((p.scheme, p.netloc, f"/{name}", p.query, p.fragment))
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """A migrated database of its own for this test session, dropped at the end."""
+    name = f"ingest_test_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(TEST_DATABASE_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = _with_db(TEST_DATABASE_URL, name)
+    conn = await asyncpg.connect(url)
+    try:
+        await Migrator(conn, discover()).up()
+    finally:
+        await conn.close()
+    yield url
+    admin = await asyncpg.connect(TEST_DATABASE_URL)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the test database, for the tests' own queries."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[str]:
+    """Bootstrap address of a Kafka-protocol broker for this session."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    broker = TansuBroker()
+    broker.start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def topics(kafka: str) -> Topics:
+    """A fresh source topic (4 partitions), dead-letter topic and group for one test."""
+    t = Topics.fresh(kafka)
+    await create_topics(kafka, {t.source: 4, t.dlq: 1})
+    return t
