@@ -268,18 +268,26 @@ async def running_worker(env: dict[str, str]) -> AsyncIterator[Worker]:
 class WorkerProcess:
     """``python -m ingest run`` as a real process, for signals and kill -9."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], log_path: str | os.PathLike[str]) -> None:
         self.env = {**os.environ, **env}
+        self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingest", "run"],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        # Logs go to a file: a pipe nobody reads would fill up and block the worker.
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ingest", "run"],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -293,10 +301,12 @@ class WorkerProcess:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
-    def stderr(self) -> str:
-        assert self.proc is not None
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read().decode(errors="replace")
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -376,3 +386,31 @@ async def reconcile(db: asyncpg.Pool, t: Topics, pub: Published) -> Reconciliati
     if stray:
         problems.append(f"dead letters for unpublished coordinates: {sorted(stray)[:5]}")
     return Reconciliation(len(counts), len(dead), duplicates, problems)
+
+
+async def call_mismatches(db: asyncpg.Pool, call_ids: Sequence[uuid.UUID]) -> list[str]:
+    """Calls whose row disagrees with their stored events (status, ended_at)."""
+    rows = await db.fetch(
+        """
+        WITH ev AS (
+            SELECT call_id,
+                   bool_or(event_type = 'initiation') AS initiated,
+                   bool_or(event_type = 'answer') AS answered,
+                   min(created_at) FILTER (WHERE event_type = 'termination') AS ended
+            FROM call_events WHERE call_id = ANY($1::uuid[]) GROUP BY call_id)
+        SELECT ev.*, c.id AS row_id, c.status, c.ended_at
+        FROM ev LEFT JOIN calls c ON c.id = ev.call_id
+        """,
+        list(call_ids),
+    )
+    problems = []
+    for r in rows:
+        if r["row_id"] is None:
+            problems.append(f"call {r['call_id']} has events but no row")
+        elif r["ended"] is not None and r["ended_at"] != r["ended"]:
+            problems.append(f"call {r['call_id']} ended_at {r['ended_at']} != {r['ended']}")
+        elif r["ended"] is None:
+            want = "in_progress" if r["answered"] else "initiated"
+            if r["status"] != want or r["ended_at"] is not None:
+                problems.append(f"call {r['call_id']} status {r['status']} != {want}")
+    return problems

@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import orjson
-import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ingest.contract import RecordRef, derive_event_id
@@ -25,8 +24,6 @@ from tests.support import (
     running_worker,
     worker_env,
 )
-
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
