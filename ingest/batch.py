@@ -21,12 +21,18 @@ class BatchBuilder:
     """Accumulates items until the batch is full or due."""
 
     def __init__(
-        self, max_events: int, max_wait_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        max_events: int,
+        max_wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.max_events = max_events
         self.max_wait_s = max_wait_s
+        self.max_bytes = max_bytes
         self._clock = clock
         self._items: list[Item] = []
+        self._bytes = 0
         self._started: float | None = None
 
     def __len__(self) -> int:
@@ -34,13 +40,21 @@ class BatchBuilder:
 
     @property
     def room(self) -> int:
-        """How many more items fit."""
+        """How many more items fit (none once the byte budget is spent)."""
+        if self._bytes >= self.max_bytes:
+            return 0
         return max(0, self.max_events - len(self._items))
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of keys and values held."""
+        return self._bytes
 
     def add(self, items: Iterable[Item]) -> None:
         """Append items (in consumption order)."""
         before = len(self._items)
         self._items.extend(items)
+        self._bytes += sum(_size(i) for i in self._items[before:])
         if before == 0 and self._items:
             self._started = self._clock()
 
@@ -56,13 +70,18 @@ class BatchBuilder:
 
     def take(self) -> list[Item]:
         """Hand over the batch and start a new one."""
-        items, self._items, self._started = self._items, [], None
+        items, self._items, self._started, self._bytes = self._items, [], None, 0
         return items
 
     def drop(self, keep: Callable[[Item], bool]) -> int:
         """Remove items that ``keep`` rejects (e.g. of revoked partitions); return how many."""
         before = len(self._items)
         self._items = [i for i in self._items if keep(i)]
+        self._bytes = sum(_size(i) for i in self._items)
         if not self._items:
             self._started = None
         return before - len(self._items)
+
+
+def _size(item: Item) -> int:
+    return len(item.value or b"") + len(item.key or b"")

@@ -1,4 +1,4 @@
-"""The ``ingest`` command: run, migrate, produce, report, schema.
+"""The ``ingest`` command: run, migrate, produce, dlq replay, report, schema.
 
 Exit codes: 0 done, 1 failed, 2 bad configuration or usage (one line on stderr).
 """
@@ -9,12 +9,14 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
 import orjson
 
 from ingest import __version__
+from ingest.deadletter import REASONS
 from ingest.settings import ConfigError, Settings, redact_url
 
 EXIT_CONFIG = 2
@@ -45,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--invalid-fraction", type=float, default=0.0)
     pr.add_argument("--topic", help="default: the first of KAFKA_TOPICS")
     pr.add_argument("--seed", type=int)
+
+    dlq = sub.add_parser("dlq", help="dead-letter topic tools")
+    dsub = dlq.add_subparsers(dest="verb", required=True)
+    rp = dsub.add_parser("replay", help="republish dead letters to their source topic")
+    rp.add_argument("--reason", choices=REASONS, help="only dead letters with this reason")
+    rp.add_argument("--since", type=_timestamp, help="only dead letters at or after (RFC 3339)")
+    rp.add_argument("--dry-run", action="store_true", help="count only; publish nothing")
 
     sub.add_parser("report", help="calls by status, events by type, from the database")
     sc = sub.add_parser("schema", help="print the event contract as JSON Schema")
@@ -79,7 +88,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_migrate(settings, args))
     if args.command == "report":
         return asyncio.run(_report(settings))
+    if args.command == "dlq":
+        return asyncio.run(_replay(settings, args))
     raise AssertionError(args.command)
+
+
+def _timestamp(raw: str) -> datetime:
+    ts = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    if ts.tzinfo is None:
+        raise argparse.ArgumentTypeError("needs a time zone, e.g. 2026-11-25T10:00:00Z")
+    return ts
+
+
+async def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest.replay import replay
+
+    stats = await replay(settings, args.reason, args.since, args.dry_run)
+    verb = "would republish" if args.dry_run else "republished"
+    print(f"scanned {stats.scanned} dead letters on {settings.kafka_dlq_topic}")
+    for reason, n in sorted(stats.matched.items()):
+        print(f"  {reason:<16} {n:>8} matched")
+    print(
+        f"{verb} {sum(stats.matched.values()) if args.dry_run else stats.republished}"
+        f" record(s) to their source topics"
+    )
+    if stats.skipped_no_source:
+        print(f"skipped {stats.skipped_no_source} record(s) without x-ingest-source-topic")
+    return 0
 
 
 def _schema(output: Path | None) -> int:

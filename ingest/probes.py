@@ -1,4 +1,5 @@
-"""HTTP endpoints for Prometheus and Kubernetes: ``/metrics``, ``/healthz``, ``/readyz``.
+"""HTTP endpoints for Prometheus and Kubernetes: ``/metrics``, ``/healthz``, ``/readyz``
+(and ``POST /breaker/reset`` for operators).
 
 Written on asyncio's streams instead of pulling in an HTTP framework: three GET routes,
 no bodies to parse, and it runs on the worker's own event loop, so ``/healthz`` proves that
@@ -26,6 +27,7 @@ class Health:
         self.stall_after_s = stall_after_s
         self.database_ok = False
         self.group_joined = False
+        self.breaker_open: str | None = None
         self.not_ready_because: str | None = "starting"
 
     def beat(self) -> None:
@@ -42,6 +44,8 @@ class Health:
             return False, "database unreachable"
         if not self.group_joined:
             return False, "consumer has not joined its group"
+        if self.breaker_open is not None:
+            return False, f"dead-letter breaker open: {self.breaker_open}"
         if self.not_ready_because is not None:
             return False, self.not_ready_because
         return True, "ready"
@@ -50,11 +54,18 @@ class Health:
 class ProbeServer:
     """Serves the three endpoints on ``port`` (0 picks a free one; see ``port`` after start)."""
 
-    def __init__(self, health: Health, port: int, on_ready: Callable[[bool], None] | None = None):
+    def __init__(
+        self,
+        health: Health,
+        port: int,
+        on_ready: Callable[[bool], None] | None = None,
+        actions: dict[str, Callable[[], str]] | None = None,
+    ):
         self._health = health
         self._port = port
         self._server: asyncio.Server | None = None
         self._on_ready = on_ready
+        self._actions = actions or {}
 
     @property
     def port(self) -> int:
@@ -96,6 +107,8 @@ class ProbeServer:
 
     def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
         text = "text/plain; charset=utf-8"
+        if method == "POST" and path in self._actions:
+            return 200, text, f"{self._actions[path]()}\n".encode()
         if method not in ("GET", "HEAD"):
             return 405, text, b"method not allowed\n"
         if path == "/metrics":

@@ -58,8 +58,15 @@ class Settings:
     batch_max_wait_ms: int = 200
     http_port: int = 8080
     shutdown_timeout_s: float = 25.0
+    write_timeout_s: float = 60.0
     rebalance_timeout_s: float = 10.0
     retry_max_backoff_s: float = 10.0
+    max_batch_bytes: int = 16 * 1024 * 1024
+    breaker_window: int = 1_000
+    breaker_max_ratio: float = 0.5
+    breaker_min_records: int = 100
+    breaker_max_consecutive: int = 1_000
+    breaker_cooldown_s: float = 300.0
     chunk_interval: str = "1 day"
     log_level: str = "info"
 
@@ -125,11 +132,28 @@ class Settings:
             shutdown_timeout_s=get(
                 "INGEST_SHUTDOWN_TIMEOUT_S", _float(1, 3600), "shutdown_timeout_s"
             ),
+            write_timeout_s=get("INGEST_WRITE_TIMEOUT_S", _float(1, 3600), "write_timeout_s"),
             rebalance_timeout_s=get(
                 "INGEST_REBALANCE_TIMEOUT_S", _float(0, 600), "rebalance_timeout_s"
             ),
             retry_max_backoff_s=get(
                 "INGEST_RETRY_MAX_BACKOFF_S", _float(0.1, 600), "retry_max_backoff_s"
+            ),
+            max_batch_bytes=get("INGEST_BATCH_MAX_BYTES", _int(1024, 1024**3), "max_batch_bytes"),
+            breaker_window=get("INGEST_DLQ_BREAKER_WINDOW", _int(1, 10_000_000), "breaker_window"),
+            breaker_max_ratio=get(
+                "INGEST_DLQ_BREAKER_MAX_RATIO", _float(0, 1), "breaker_max_ratio"
+            ),
+            breaker_min_records=get(
+                "INGEST_DLQ_BREAKER_MIN_RECORDS", _int(1, 10_000_000), "breaker_min_records"
+            ),
+            breaker_max_consecutive=get(
+                "INGEST_DLQ_BREAKER_MAX_CONSECUTIVE",
+                _int(1, 10_000_000),
+                "breaker_max_consecutive",
+            ),
+            breaker_cooldown_s=get(
+                "INGEST_DLQ_BREAKER_COOLDOWN_S", _float(0, 86_400), "breaker_cooldown_s"
             ),
             chunk_interval=get("INGEST_CHUNK_INTERVAL", _text, "chunk_interval"),
             log_level=get("LOG_LEVEL", _log_level, "log_level"),

@@ -177,10 +177,12 @@ class BatchWriter:
                 else:
                     events.append(item)
 
-            events = await self._drop_repeats(conn, events, result)
+            # Orphans first: a repeat only counts as one when its first copy can be stored.
             events = await self._drop_orphans(conn, events, result)
+            events, repeats = await self._drop_repeats(conn, events, result)
             stored_events, rejected, result.terminated = await self._store(conn, events)
             result.dead_letters.extend(rejected)
+            result.dead_letters.extend(_repeats_of_rejected(events, rejected, repeats, result))
             result.written = [_event(i) for i in stored_events]
 
             await self._publisher.publish(result.dead_letters)
@@ -219,23 +221,27 @@ class BatchWriter:
     @staticmethod
     async def _drop_repeats(
         conn: asyncpg.Connection, events: list[Item], result: WriteResult
-    ) -> list[Item]:
+    ) -> tuple[list[Item], dict[UUID, list[Item]]]:
+        """Drop repeats of an id: later copies in the batch (returned, by id), and events
+        whose id is already stored."""
         seen: set[UUID] = set()
         unique: list[Item] = []
+        repeats: dict[UUID, list[Item]] = {}
         for item in events:
             eid = _event(item).id
             if eid in seen:
                 result.duplicates += 1
+                repeats.setdefault(eid, []).append(item)
                 continue
             seen.add(eid)
             unique.append(item)
         if not unique:
-            return unique
+            return unique, repeats
         existing = {r["id"] for r in await conn.fetch(_EXISTING_EVENT_IDS, list(seen))}
         if existing:
             result.duplicates += sum(1 for i in unique if _event(i).id in existing)
             unique = [i for i in unique if _event(i).id not in existing]
-        return unique
+        return unique, repeats
 
     @staticmethod
     async def _drop_orphans(
@@ -355,6 +361,30 @@ class BatchWriter:
             )
         status = await conn.execute(_TERMINATE_CALLS, *map(list, zip(*rows, strict=True)))
         return _rows_updated(status)
+
+
+def _repeats_of_rejected(
+    attempted: list[Item],
+    rejected: list[DeadLetter],
+    repeats: dict[UUID, list[Item]],
+    result: WriteResult,
+) -> list[DeadLetter]:
+    """Later copies of an event whose first copy the database rejected follow it to the
+    dead-letter topic: no copy of that id is stored, so they are not repeats of one."""
+    if not repeats or not rejected:
+        return []
+    letters = {dl.ref: dl for dl in rejected}
+    out: list[DeadLetter] = []
+    for item in attempted:
+        dl = letters.get(item.ref)
+        if dl is None:
+            continue
+        for repeat in repeats.get(_event(item).id, []):
+            result.duplicates -= 1
+            out.append(
+                _dead(repeat, dl.reason, f"repeat of a rejected event: {dl.detail}", dl.sqlstate)
+            )
+    return out
 
 
 def _event(item: Item) -> CallEvent:

@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 
 from ingest import metrics
 from ingest.batch import BatchBuilder, to_item
+from ingest.breaker import DeadLetterBreaker
 from ingest.deadletter import DeadLetterPublisher
 from ingest.policy import Backoff, Disposition, classify, is_retryable, sqlstate_class
 from ingest.probes import Health, ProbeServer
@@ -36,6 +37,8 @@ STANDING_LOG_EVERY_S = 60.0
 STANDING_RETRY_MIN_S = 5.0
 PING_EVERY_S = 5
 CLOSE_RESERVE_S = 3.0
+# How the worker's sessions show in pg_stat_activity.
+APPLICATION_NAME = "ingest"
 
 
 class ShutdownRequested(Exception):
@@ -51,13 +54,27 @@ class Worker:
         self.health = Health()
         self.stopping = asyncio.Event()
         self.probes = ProbeServer(
-            self.health, settings.http_port, on_ready=lambda ok: metrics.READY.set(int(ok))
+            self.health,
+            settings.http_port,
+            on_ready=lambda ok: metrics.READY.set(int(ok)),
+            actions={"/breaker/reset": self.reset_breaker},
+        )
+        self.breaker = DeadLetterBreaker(
+            window=settings.breaker_window,
+            max_ratio=settings.breaker_max_ratio,
+            min_records=settings.breaker_min_records,
+            max_consecutive=settings.breaker_max_consecutive,
+            cooldown_s=settings.breaker_cooldown_s,
         )
         self._pool: asyncpg.Pool | None = None
         self._producer: AIOKafkaProducer | None = None
         self._source: EventSource | None = None
         self._writer: BatchWriter | None = None
-        self._batch = BatchBuilder(settings.batch_max_events, settings.batch_max_wait_ms / 1000)
+        self._batch = BatchBuilder(
+            settings.batch_max_events,
+            settings.batch_max_wait_ms / 1000,
+            max_bytes=settings.max_batch_bytes,
+        )
         self._positions: dict[tuple[str, int], int] = {}
         self._writing = asyncio.Event()
         self._idle = asyncio.Event()
@@ -71,6 +88,19 @@ class Worker:
             log.info("shutdown requested", timeout_s=self.settings.shutdown_timeout_s)
             self._shutdown_deadline = time.monotonic() + self.settings.shutdown_timeout_s
             self.stopping.set()
+
+    def reset_breaker(self) -> str:
+        """Close the dead-letter breaker (operator action); consumption resumes."""
+        was = self.breaker.reason
+        self.breaker.reset()
+        self.health.breaker_open = None
+        metrics.BREAKER_OPEN.set(0)
+        if self._source is not None and self._source.paused:
+            self._source.resume()
+        if was:
+            log.warning("dead-letter breaker closed; consuming again", was=was)
+            return f"breaker closed (was open: {was})"
+        return "breaker was not open"
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT ask for a graceful stop."""
@@ -141,6 +171,8 @@ class Worker:
                     max_size=s.database_pool_max,
                     max_inactive_connection_lifetime=s.database_idle_timeout_ms / 1000,
                     timeout=s.database_connection_timeout_ms / 1000,
+                    server_settings={"application_name": APPLICATION_NAME},
+                    command_timeout=s.write_timeout_s,
                 )
             except Exception as exc:
                 self._note_failure(exc)
@@ -194,6 +226,9 @@ class Worker:
         src = self._source
         assert src is not None
         while not self.stopping.is_set():
+            if self.breaker.is_open:
+                await self._hold_while_breaker_open()
+                continue
             timeout_ms = max(1, int(self._batch.time_left() * 1000)) if len(self._batch) else 500
             records = await src.fetch(timeout_ms=timeout_ms, max_records=max(1, self._batch.room))
             self.health.group_joined = src.joined
@@ -228,7 +263,10 @@ class Worker:
                     return
                 started = time.perf_counter()
                 try:
-                    result = await writer.write(items)
+                    # A dead peer can leave a socket read hanging: bound the whole batch.
+                    result = await asyncio.wait_for(
+                        writer.write(items), self.settings.write_timeout_s
+                    )
                 except Exception as exc:
                     if not is_retryable(exc):
                         raise
@@ -250,6 +288,31 @@ class Worker:
         self.health.not_ready_because = None
         self._record(items, result)
         await src.commit(result.positions)
+        dead = {dl.ref for dl in result.dead_letters}
+        if self.breaker.record([i.ref in dead for i in items], time.monotonic()):
+            self._open_breaker()
+
+    def _open_breaker(self) -> None:
+        assert self._source is not None
+        self.health.breaker_open = self.breaker.reason
+        metrics.BREAKER_OPEN.set(1)
+        self._source.pause()
+        log.error(
+            "dead-letter breaker open: consumption stopped",
+            why=self.breaker.reason,
+            closes_after_s=self.breaker.cooldown_s or None,
+            reset="POST /breaker/reset",
+        )
+
+    async def _hold_while_breaker_open(self) -> None:
+        src = self._source
+        assert src is not None
+        if self.breaker.due_to_close(time.monotonic()):
+            self.reset_breaker()
+            return
+        records = await src.fetch(timeout_ms=500, max_records=1)
+        if records:
+            self._batch.add(to_item(r) for r in records)
 
     def _record(self, items: list[Item], result: WriteResult) -> None:
         self._positions.update(result.positions)

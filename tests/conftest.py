@@ -58,18 +58,23 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture(scope="session")
-def kafka() -> Iterator[str]:
-    """Bootstrap address of a Kafka-protocol broker for this session."""
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
-        yield external
+def tansu() -> Iterator[TansuBroker | None]:
+    """The session's own Tansu broker, or None when KAFKA_BOOTSTRAP_SERVERS names one."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield None
         return
     broker = TansuBroker()
     broker.start()
     try:
-        yield broker.bootstrap
+        yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka(tansu: TansuBroker | None) -> str:
+    """Bootstrap address of a Kafka-protocol broker for this session."""
+    return tansu.bootstrap if tansu is not None else os.environ["KAFKA_BOOTSTRAP_SERVERS"]
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -69,6 +69,7 @@ def worker_env(database_url: str, t: Topics, **extra: str) -> dict[str, str]:
         "INGEST_BATCH_MAX_WAIT_MS": "50",
         "INGEST_HTTP_PORT": "0",
         "INGEST_RETRY_MAX_BACKOFF_S": "1",
+        "INGEST_WRITE_TIMEOUT_S": "10",
         "DATABASE_POOL_MIN": "1",
         "DATABASE_POOL_MAX": "4",
         "LOG_LEVEL": "warning",
@@ -314,17 +315,22 @@ class WorkerProcess:
             self.proc.wait(10)
 
 
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    """Status and body of a GET on 127.0.0.1 (async: the server may share this loop)."""
+async def http_get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
+    """Status and body of a request on 127.0.0.1 (async: the server may share this loop)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), 5)
     finally:
         writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split()[1]), body.decode()
+
+
+async def http_post(port: int, path: str) -> tuple[int, str]:
+    """Status and body of a POST without a body."""
+    return await http_get(port, path, method="POST")
 
 
 def http_get_blocking(port: int, path: str) -> tuple[int, str]:

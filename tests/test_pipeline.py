@@ -17,6 +17,7 @@ from tests.support import (
     event,
     eventually,
     http_get,
+    http_post,
     publish,
     read_topic,
     reconcile,
@@ -361,3 +362,24 @@ async def _sleep(s: float) -> None:
     import asyncio
 
     await asyncio.sleep(s)
+
+
+async def test_a_repeat_whose_first_copy_was_dead_lettered_is_stored(database_url, db, topics):
+    cid = uuid.uuid4()
+    init, answer = call_events(cid, T0)[:2]
+    # The first copy arrives before its call exists (unknown_call); the retry comes after.
+    pub = await _run(database_url, db, topics, [record(answer), record(init), record(answer)])
+    assert [d.reason for d in await read_topic(topics.bootstrap, topics.dlq)] == ["unknown_call"]
+    assert (
+        await db.fetchval("SELECT count(*) FROM call_events WHERE id = $1", uuid.UUID(answer["id"]))
+        == 1
+    )
+    rec = await reconcile(db, topics, pub)
+    assert rec.problems == []
+
+
+async def test_a_breaker_reset_over_http_says_whether_it_was_open(database_url, db, topics):
+    async with running_worker(worker_env(database_url, topics)) as worker:
+        await eventually(lambda: _probe_ready(worker, 200), 30, "readiness")
+        status, body = await http_post(worker.probes.port, "/breaker/reset")
+        assert (status, body) == (200, "breaker was not open\n")

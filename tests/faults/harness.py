@@ -1,0 +1,82 @@
+"""The fault suite's shared harness: a corpus, slow publishing, database faults, and the
+one reconciliation every fault test ends with."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import time
+import uuid
+
+import asyncpg
+import orjson
+
+from ingest.produce import interleave, invalid_record
+from tests.support import (
+    Published,
+    Record,
+    Topics,
+    call_mismatches,
+    publish,
+    reconcile,
+)
+
+
+def corpus(calls: int, invalid_fraction: float, seed: int) -> tuple[list[Record], list[uuid.UUID]]:
+    """Realistic interleaved calls with a share of bad records, and the call ids."""
+    rng = random.Random(seed)
+    records: list[Record] = []
+    ids: set[uuid.UUID] = set()
+    for e in interleave(rng, calls):
+        ids.add(uuid.UUID(e["call_id"]))
+        value = invalid_record(rng, e) if rng.random() < invalid_fraction else orjson.dumps(e)
+        records.append((e["call_id"].encode(), value))
+    return records, sorted(ids)
+
+
+async def publish_slowly(
+    t: Topics, records: list[Record], chunks: int, pause_s: float
+) -> Published:
+    pub = Published()
+    size = max(1, len(records) // chunks)
+    for i in range(0, len(records), size):
+        pub.extend(await publish(t.bootstrap, t.source, records[i : i + size]))
+        await asyncio.sleep(pause_s)
+    return pub
+
+
+async def assert_reconciled(db: asyncpg.Pool, t: Topics, pub: Published, calls: list[uuid.UUID]):
+    rec = await reconcile(db, t, pub)
+    assert rec.problems == [], rec.problems[:10]
+    accounted = rec.stored + rec.dead_lettered + rec.duplicates
+    assert accounted == len(pub.records), (rec, len(pub.records))
+    assert await call_mismatches(db, calls) == []
+    return rec
+
+
+async def until_waiting_on_lock(db: asyncpg.Pool, query_like: str, timeout_s: float = 20) -> None:
+    """Wait until a session of the worker waits on a lock in a statement like ``query_like``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        waiting = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND application_name = 'ingest' AND query LIKE $1",
+            f"%{query_like}%",
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no worker statement like {query_like!r} waited on a lock")
+
+
+def pg_ctl(action: str) -> list[str] | None:
+    """The command that does ``action`` (stop, start, restart) to the PostgreSQL server."""
+    custom = os.environ.get(f"TEST_PG_{action.upper()}")
+    if custom:
+        return custom.split()
+    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    if not versions or shutil.which("pg_ctlcluster") is None or os.geteuid() != 0:
+        return None
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", action]
