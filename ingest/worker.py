@@ -138,6 +138,7 @@ class Worker:
         while True:
             self.health.beat()
             self._report_pool()
+            metrics.READY.set(int(self.health.ready()[0]))
             if tick % PING_EVERY_S == 0 and self._writer is not None and self._idle.is_set():
                 await self._ping()
             tick += 1
