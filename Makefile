@@ -29,6 +29,9 @@ lint: $(STAMP)
 
 typecheck: lint
 
+bench: $(STAMP)
+	$(BIN)/ingest bench $(BENCH_ARGS)
+
 schema: $(STAMP)
 	$(BIN)/ingest schema --output schema/call_event.schema.json
 

@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--dry-run", action="store_true", help="count only; publish nothing")
 
     sub.add_parser("report", help="calls by status, events by type, from the database")
+    sub.add_parser("bench", help="benchmark (ingest bench --help)", add_help=False)
     sc = sub.add_parser("schema", help="print the event contract as JSON Schema")
     sc.add_argument("--output", type=Path)
     return p
@@ -63,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from ingest import bench
+
+        return bench.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "schema":

@@ -132,7 +132,7 @@ async def _demo(database_url: str, bootstrap: str) -> int:
         "INGEST_HTTP_PORT": str(port),
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "error"),
     }
-    worker = subprocess.Popen([sys.executable, "-m", "ingest", "run"], env=env)  # noqa: ASYNC220
+    worker = subprocess.Popen([sys.executable, "-m", "ingest", "run"], env=env)
     started = time.monotonic()
     produced = ProduceStats()
     stop = asyncio.Event()

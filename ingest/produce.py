@@ -121,10 +121,17 @@ def invalid_record(rng: random.Random, good: dict[str, Any]) -> bytes:
 
 
 def interleave(
-    rng: random.Random, calls: int, concurrency: int = 50, agent_ids: list[uuid.UUID] | None = None
+    rng: random.Random,
+    calls: int,
+    concurrency: int = 50,
+    agent_ids: list[uuid.UUID] | None = None,
+    start: datetime | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Events of ``calls`` calls, ``concurrency`` at a time, each call's events in order."""
-    now = datetime.now(UTC)
+    """Events of ``calls`` calls, ``concurrency`` at a time, each call's events in order.
+
+    The same ``rng`` state and ``start`` give the same events.
+    """
+    now = start or datetime.now(UTC)
     active: list[list[dict[str, Any]]] = []
     started = 0
     while started < calls or active:

@@ -54,6 +54,7 @@ class Settings:
     kafka_session_timeout_ms: int = 10_000
     kafka_heartbeat_interval_ms: int = 3_000
     kafka_max_poll_interval_ms: int = 300_000
+    kafka_fetch_max_wait_ms: int = 100
     batch_max_events: int = 5_000
     batch_max_wait_ms: int = 200
     http_port: int = 8080
@@ -125,6 +126,9 @@ class Settings:
             ),
             kafka_max_poll_interval_ms=get(
                 "KAFKA_MAX_POLL_INTERVAL_MS", _int(1_000, 86_400_000), "kafka_max_poll_interval_ms"
+            ),
+            kafka_fetch_max_wait_ms=get(
+                "KAFKA_FETCH_MAX_WAIT_MS", _int(0, 60_000), "kafka_fetch_max_wait_ms"
             ),
             batch_max_events=get("INGEST_BATCH_MAX_EVENTS", _int(1, 100_000), "batch_max_events"),
             batch_max_wait_ms=get("INGEST_BATCH_MAX_WAIT_MS", _int(1, 60_000), "batch_max_wait_ms"),

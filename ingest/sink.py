@@ -6,8 +6,9 @@ Per batch, in one transaction:
    and drop records below them: another owner already stored them (the fence);
 2. drop repeats of an event id (in the batch: first wins; in the table: already stored);
 3. dead-letter initiations naming a missing agent and events of calls that do not exist;
-4. create ``calls`` rows, COPY ``call_events``, apply call updates, in a savepoint; on a data
-   error (SQLSTATE 22/23) bisect until the offending records are isolated;
+4. in a savepoint: COPY the calls begun in this batch (with what the batch's answers and
+   terminations did to them), COPY ``call_events``, UPDATE calls that already existed; on a
+   data error (SQLSTATE 22/23) bisect until the offending records are isolated;
 5. publish the dead letters and wait for the broker's acknowledgement;
 6. advance the stored positions past the whole batch, then COMMIT.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -61,14 +62,6 @@ _EXISTING_EVENT_IDS = "SELECT id FROM call_events WHERE id = ANY($1::uuid[])"
 _EXISTING_CALLS = "SELECT id FROM calls WHERE id = ANY($1::uuid[])"
 _EXISTING_AGENTS = "SELECT id FROM agents WHERE id = ANY($1::uuid[])"
 
-_INSERT_CALLS = """
-INSERT INTO calls (id, from_number, to_number, agent_id, status, created_at, updated_at)
-SELECT v.id, v.from_number, v.to_number, v.agent_id, 'initiated', v.created_at, now()
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::timestamptz[])
-     AS v(id, from_number, to_number, agent_id, created_at)
-ON CONFLICT (id) DO NOTHING
-"""
-
 _ANSWER_CALLS = """
 UPDATE calls SET status = 'in_progress', updated_at = now()
 WHERE id = ANY($1::uuid[]) AND status = 'initiated' AND ended_at IS NULL
@@ -101,6 +94,21 @@ WHERE a.id = v.agent_id AND (a.last_used_at IS NULL OR a.last_used_at < v.used_a
 """
 
 _EVENT_COLUMNS = ("id", "call_id", "event_type", "event_data", "created_at")
+_CALL_COLUMNS = (
+    "id",
+    "from_number",
+    "to_number",
+    "agent_id",
+    "status",
+    "created_at",
+    "updated_at",
+    "ended_at",
+    "duration",
+    "recording_url",
+    "transcript",
+    "sentiment_score",
+    "cost_cents",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,9 +186,11 @@ class BatchWriter:
                     events.append(item)
 
             # Orphans first: a repeat only counts as one when its first copy can be stored.
-            events = await self._drop_orphans(conn, events, result)
+            events, existing_calls = await self._drop_orphans(conn, events, result)
             events, repeats = await self._drop_repeats(conn, events, result)
-            stored_events, rejected, result.terminated = await self._store(conn, events)
+            stored_events, rejected, result.terminated = await self._store(
+                conn, events, existing_calls
+            )
             result.dead_letters.extend(rejected)
             result.dead_letters.extend(_repeats_of_rejected(events, rejected, repeats, result))
             result.written = [_event(i) for i in stored_events]
@@ -246,7 +256,8 @@ class BatchWriter:
     @staticmethod
     async def _drop_orphans(
         conn: asyncpg.Connection, events: list[Item], result: WriteResult
-    ) -> list[Item]:
+    ) -> tuple[list[Item], set[UUID]]:
+        """Dead-letter unknown agents and calls; return the rest and the calls that exist."""
         agent_ids = {
             e.initiation.agent_id
             for e in map(_event, events)
@@ -255,10 +266,11 @@ class BatchWriter:
         known_agents: set[UUID] = set()
         if agent_ids:
             known_agents = {r["id"] for r in await conn.fetch(_EXISTING_AGENTS, list(agent_ids))}
-        call_ids = {e.call_id for e in map(_event, events) if e.event_type != "initiation"}
-        known_calls: set[UUID] = set()
+        call_ids = {e.call_id for e in map(_event, events)}
+        existing: set[UUID] = set()
         if call_ids:
-            known_calls = {r["id"] for r in await conn.fetch(_EXISTING_CALLS, list(call_ids))}
+            existing = {r["id"] for r in await conn.fetch(_EXISTING_CALLS, list(call_ids))}
+        known_calls = set(existing)
 
         kept: list[Item] = []
         for item in events:
@@ -277,10 +289,10 @@ class BatchWriter:
                 )
                 continue
             kept.append(item)
-        return kept
+        return kept, existing
 
     async def _store(
-        self, conn: asyncpg.Connection, items: list[Item]
+        self, conn: asyncpg.Connection, items: list[Item], existing_calls: set[UUID]
     ) -> tuple[list[Item], list[DeadLetter], int]:
         """Insert in a savepoint; on a data error, bisect to isolate the rejected records.
 
@@ -290,7 +302,7 @@ class BatchWriter:
             return [], [], 0
         try:
             async with conn.transaction():
-                terminated = await self._insert(conn, [_event(i) for i in items])
+                terminated = await self._insert(conn, [_event(i) for i in items], existing_calls)
         except asyncpg.PostgresError as exc:
             if classify(exc) is not Disposition.DATA:
                 raise
@@ -298,22 +310,25 @@ class BatchWriter:
                 detail = f"{type(exc).__name__}: {exc}"
                 return [], [_dead(items[0], DB_REJECTED, detail, sqlstate_of(exc))], 0
             mid = len(items) // 2
-            ok_a, dead_a, term_a = await self._store(conn, items[:mid])
-            ok_b, dead_b, term_b = await self._store(conn, items[mid:])
+            ok_a, dead_a, term_a = await self._store(conn, items[:mid], existing_calls)
+            ok_b, dead_b, term_b = await self._store(conn, items[mid:], existing_calls)
             return ok_a + ok_b, dead_a + dead_b, term_a + term_b
         return items, [], terminated
 
     @staticmethod
-    async def _insert(conn: asyncpg.Connection, events: list[CallEvent]) -> int:
-        inits = [e for e in events if e.initiation is not None]
-        if inits:
-            await conn.execute(
-                _INSERT_CALLS,
-                [e.call_id for e in inits],
-                [e.initiation.from_number for e in inits if e.initiation is not None],
-                [e.initiation.to_number for e in inits if e.initiation is not None],
-                [e.initiation.agent_id for e in inits if e.initiation is not None],
-                [e.created_at for e in inits],
+    async def _insert(
+        conn: asyncpg.Connection, events: list[CallEvent], existing_calls: set[UUID]
+    ) -> int:
+        """Store events and their effects on calls; return how many calls they terminated.
+
+        Calls begun in this batch get their final state in memory (answer, first
+        termination) and are written once, by COPY; only calls that already existed take
+        set-based UPDATEs.
+        """
+        plan = CallPlan.of(events, existing_calls)
+        if plan.new_calls:
+            await conn.copy_records_to_table(
+                "calls", records=plan.new_call_rows(), columns=_CALL_COLUMNS
             )
         await conn.copy_records_to_table(
             "call_events",
@@ -322,32 +337,15 @@ class BatchWriter:
             ],
             columns=_EVENT_COLUMNS,
         )
-        answered = list({e.call_id for e in events if e.event_type == "answer"})
-        if answered:
-            await conn.execute(_ANSWER_CALLS, answered)
-        agents: dict[UUID, datetime] = {}
-        for e in inits:
-            aid = e.initiation.agent_id if e.initiation is not None else None
-            if aid is not None and (aid not in agents or agents[aid] < e.created_at):
-                agents[aid] = e.created_at
-        if agents:
-            await conn.execute(_TOUCH_AGENTS, list(agents), list(agents.values()))
-        # Terminations run inside the same savepoint so a rejected one is isolated too.
-        return await BatchWriter._terminate(conn, events)
-
-    @staticmethod
-    async def _terminate(conn: asyncpg.Connection, events: list[CallEvent]) -> int:
-        firsts: dict[UUID, CallEvent] = {}
-        for e in events:
-            if e.termination is not None and e.call_id not in firsts:
-                firsts[e.call_id] = e
-        if not firsts:
-            return 0
-        rows: list[tuple[Any, ...]] = []
-        for e in firsts.values():
-            t = e.termination
-            assert t is not None
-            rows.append(
+        if plan.answered:
+            await conn.execute(_ANSWER_CALLS, plan.answered)
+        if plan.agents_used:
+            await conn.execute(
+                _TOUCH_AGENTS, list(plan.agents_used), list(plan.agents_used.values())
+            )
+        terminated = plan.terminated_new
+        if plan.terminations:
+            rows = [
                 (
                     e.call_id,
                     t.status,
@@ -358,9 +356,108 @@ class BatchWriter:
                     t.sentiment_score,
                     t.cost_cents,
                 )
+                for e in plan.terminations
+                if (t := e.termination) is not None
+            ]
+            status = await conn.execute(_TERMINATE_CALLS, *map(list, zip(*rows, strict=True)))
+            terminated += _rows_updated(status)
+        return terminated
+
+
+@dataclass(slots=True)
+class _NewCall:
+    """A call begun in this batch, with what later events of the batch did to it."""
+
+    event: CallEvent
+    status: str = "initiated"
+    ended_at: datetime | None = None
+    duration: timedelta | None = None
+    recording_url: str | None = None
+    transcript: str | None = None
+    sentiment_score: float | None = None
+    cost_cents: int | None = None
+
+
+@dataclass(slots=True)
+class CallPlan:
+    """What a batch does to ``calls``, worked out in memory (pure)."""
+
+    new_calls: dict[UUID, _NewCall] = field(default_factory=dict)
+    answered: list[UUID] = field(default_factory=list)
+    terminations: list[CallEvent] = field(default_factory=list)
+    agents_used: dict[UUID, datetime] = field(default_factory=dict)
+    terminated_new: int = 0
+
+    @classmethod
+    def of(cls, events: list[CallEvent], existing_calls: set[UUID]) -> CallPlan:
+        """Apply the batch's events, in order, to new calls; collect updates for the rest."""
+        plan = cls()
+        answered: set[UUID] = set()
+        terminating: set[UUID] = set()
+        for e in events:
+            if e.initiation is not None:
+                agent = e.initiation.agent_id
+                if agent is not None and (
+                    agent not in plan.agents_used or plan.agents_used[agent] < e.created_at
+                ):
+                    plan.agents_used[agent] = e.created_at
+                if e.call_id not in existing_calls and e.call_id not in plan.new_calls:
+                    plan.new_calls[e.call_id] = _NewCall(e)
+                continue
+            new = plan.new_calls.get(e.call_id)
+            if e.event_type == "answer":
+                if new is None:
+                    if e.call_id not in answered:
+                        answered.add(e.call_id)
+                        plan.answered.append(e.call_id)
+                elif new.status == "initiated" and new.ended_at is None:
+                    new.status = "in_progress"
+            elif e.termination is not None:
+                t = e.termination
+                if new is None:
+                    if e.call_id not in terminating:
+                        terminating.add(e.call_id)
+                        plan.terminations.append(e)
+                elif new.ended_at is None:
+                    new.status = t.status
+                    new.ended_at = e.created_at
+                    new.duration = (
+                        timedelta(seconds=t.duration_seconds)
+                        if t.duration_seconds is not None
+                        else e.created_at - new.event.created_at
+                    )
+                    new.recording_url = t.recording_url
+                    new.transcript = t.transcript
+                    new.sentiment_score = t.sentiment_score
+                    new.cost_cents = t.cost_cents
+                    plan.terminated_new += 1
+        return plan
+
+    def new_call_rows(self) -> list[tuple[Any, ...]]:
+        """Rows for COPY into calls, in ``_CALL_COLUMNS`` order."""
+        now = datetime.now(UTC)
+        rows = []
+        for c in self.new_calls.values():
+            e, init = c.event, c.event.initiation
+            assert init is not None
+            rows.append(
+                (
+                    e.call_id,
+                    init.from_number,
+                    init.to_number,
+                    init.agent_id,
+                    c.status,
+                    e.created_at,
+                    now,
+                    c.ended_at,
+                    c.duration,
+                    c.recording_url,
+                    c.transcript,
+                    c.sentiment_score,
+                    c.cost_cents,
+                )
             )
-        status = await conn.execute(_TERMINATE_CALLS, *map(list, zip(*rows, strict=True)))
-        return _rows_updated(status)
+        return rows
 
 
 def _repeats_of_rejected(

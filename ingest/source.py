@@ -63,6 +63,9 @@ class EventSource:
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
             max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+            # The broker answers a fetch after this long even with little data: it bounds
+            # how stale a record can get before it reaches a batch.
+            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
             **kafka_options,
         )
         self.joined = False
