@@ -261,7 +261,7 @@ def _worker_env(url: str, bootstrap: str, topic: str, group: str, port: int) -> 
         "KAFKA_DLQ_TOPIC": f"{topic}.dlq",
         "KAFKA_GROUP_ID": group,
         "INGEST_HTTP_PORT": str(port),
-        "LOG_LEVEL": "warning",
+        "LOG_LEVEL": os.environ.get("INGEST_BENCH_LOG_LEVEL", "warning"),
     }
 
 

@@ -108,8 +108,11 @@ def _timestamp(raw: str) -> datetime:
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from ingest.replay import replay
+    from ingest.security import kafka_options
 
-    stats = await replay(settings, args.reason, args.since, args.dry_run)
+    stats = await replay(
+        settings, args.reason, args.since, args.dry_run, kafka_options=kafka_options(settings)
+    )
     verb = "would republish" if args.dry_run else "republished"
     print(f"scanned {stats.scanned} dead letters on {settings.kafka_dlq_topic}")
     for reason, n in sorted(stats.matched.items()):
@@ -153,8 +156,12 @@ def _run(settings: Settings) -> int:
 
 async def _connect(settings: Settings) -> asyncpg.Connection:
     try:
+        from ingest.security import postgres_ssl
+
         return await asyncpg.connect(
-            settings.database_url, timeout=settings.database_connection_timeout_ms / 1000
+            settings.database_url,
+            timeout=settings.database_connection_timeout_ms / 1000,
+            ssl=postgres_ssl(settings),
         )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise SystemExit(
@@ -168,7 +175,9 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
     conn = await _connect(settings)
     try:
-        migrator = migrate.Migrator(conn, migrate.discover(), settings.chunk_interval)
+        migrator = migrate.Migrator(
+            conn, migrate.discover(), settings.chunk_interval, settings.readonly_password
+        )
         if args.verb == "up":
             done = await migrator.up(args.to)
             for m in done:

@@ -108,11 +108,16 @@ class Migrator:
     """Applies, reverts and reports migrations over one connection."""
 
     def __init__(
-        self, conn: asyncpg.Connection, migrations: list[Migration], chunk_interval: str = "1 day"
+        self,
+        conn: asyncpg.Connection,
+        migrations: list[Migration],
+        chunk_interval: str = "1 day",
+        readonly_password: str | None = None,
     ) -> None:
         self._conn = conn
         self._migrations = migrations
         self._chunk_interval = chunk_interval
+        self._readonly_password = readonly_password
 
     async def _applied(self) -> dict[str, tuple[str, datetime]]:
         await self._conn.execute(_CREATE_TABLE)
@@ -139,9 +144,12 @@ class Migrator:
                 if m.version in applied:
                     continue
                 async with self._conn.transaction():
+                    # Settings reach the SQL as transaction-local parameters, never as literals.
                     await self._conn.execute(
-                        "SELECT set_config('ingest.chunk_interval', $1, true)",
+                        "SELECT set_config('ingest.chunk_interval', $1, true), "
+                        "set_config('ingest.readonly_password', $2, true)",
                         self._chunk_interval,
+                        self._readonly_password or "",
                     )
                     await self._conn.execute(m.up)
                     await self._conn.execute(

@@ -16,6 +16,9 @@ from urllib.parse import urlsplit, urlunsplit
 T = TypeVar("T")
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 class ConfigError(Exception):
@@ -44,6 +47,10 @@ class Settings:
     database_pool_max: int = 10
     database_idle_timeout_ms: int = 10_000
     database_connection_timeout_ms: int = 2_000
+    database_ssl_mode: str | None = None
+    database_ssl_root_cert: str | None = None
+    database_ssl_cert: str | None = None
+    database_ssl_key: str | None = None
     kafka_bootstrap_servers: str = "localhost:9092"
     kafka_topics: tuple[str, ...] = ("call-events",)
     kafka_group_id: str = "call-events-ingest"
@@ -51,6 +58,13 @@ class Settings:
     kafka_dlq_create: bool = False
     kafka_dlq_partitions: int = 0
     kafka_dlq_replication: int = 0
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = field(default=None, repr=False)
+    kafka_ssl_ca_file: str | None = None
+    kafka_ssl_cert_file: str | None = None
+    kafka_ssl_key_file: str | None = None
     kafka_session_timeout_ms: int = 10_000
     kafka_heartbeat_interval_ms: int = 3_000
     kafka_max_poll_interval_ms: int = 300_000
@@ -69,6 +83,7 @@ class Settings:
     breaker_max_consecutive: int = 1_000
     breaker_cooldown_s: float = 300.0
     chunk_interval: str = "1 day"
+    readonly_password: str | None = field(default=None, repr=False)
     log_level: str = "info"
 
     @property
@@ -105,9 +120,24 @@ class Settings:
             database_connection_timeout_ms=get(
                 "DATABASE_CONNECTION_TIMEOUT", _int(1, 600_000), "database_connection_timeout_ms"
             ),
+            database_ssl_mode=get("DATABASE_SSL_MODE", _choice(SSL_MODES), "database_ssl_mode"),
+            database_ssl_root_cert=get("DATABASE_SSL_ROOT_CERT", _file, "database_ssl_root_cert"),
+            database_ssl_cert=get("DATABASE_SSL_CERT", _file, "database_ssl_cert"),
+            database_ssl_key=get("DATABASE_SSL_KEY", _file, "database_ssl_key"),
             kafka_bootstrap_servers=get(
                 "KAFKA_BOOTSTRAP_SERVERS", _text, "kafka_bootstrap_servers"
             ),
+            kafka_security_protocol=get(
+                "KAFKA_SECURITY_PROTOCOL", _choice(KAFKA_PROTOCOLS), "kafka_security_protocol"
+            ),
+            kafka_sasl_mechanism=get(
+                "KAFKA_SASL_MECHANISM", _choice(SASL_MECHANISMS), "kafka_sasl_mechanism"
+            ),
+            kafka_sasl_username=get("KAFKA_SASL_USERNAME", _text, "kafka_sasl_username"),
+            kafka_sasl_password=get("KAFKA_SASL_PASSWORD", _text, "kafka_sasl_password"),
+            kafka_ssl_ca_file=get("KAFKA_SSL_CA_FILE", _file, "kafka_ssl_ca_file"),
+            kafka_ssl_cert_file=get("KAFKA_SSL_CERT_FILE", _file, "kafka_ssl_cert_file"),
+            kafka_ssl_key_file=get("KAFKA_SSL_KEY_FILE", _file, "kafka_ssl_key_file"),
             kafka_topics=get("KAFKA_TOPICS", _topics, "kafka_topics"),
             kafka_group_id=get("KAFKA_GROUP_ID", _text, "kafka_group_id"),
             kafka_dlq_topic=get("KAFKA_DLQ_TOPIC", _text, "kafka_dlq_topic"),
@@ -160,6 +190,7 @@ class Settings:
                 "INGEST_DLQ_BREAKER_COOLDOWN_S", _float(0, 86_400), "breaker_cooldown_s"
             ),
             chunk_interval=get("INGEST_CHUNK_INTERVAL", _text, "chunk_interval"),
+            readonly_password=get("INGEST_READONLY_PASSWORD", _text, "readonly_password"),
             log_level=get("LOG_LEVEL", _log_level, "log_level"),
         )
         if s.database_pool_min > s.database_pool_max:
@@ -167,6 +198,15 @@ class Settings:
                 f"DATABASE_POOL_MIN ({s.database_pool_min}) must not exceed "
                 f"DATABASE_POOL_MAX ({s.database_pool_max})"
             )
+        if s.kafka_security_protocol.startswith("SASL_") and not (
+            s.kafka_sasl_username and s.kafka_sasl_password
+        ):
+            raise ConfigError(
+                f"KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD are required with "
+                f"KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol}"
+            )
+        if (s.database_ssl_cert is None) != (s.database_ssl_key is None):
+            raise ConfigError("DATABASE_SSL_CERT and DATABASE_SSL_KEY go together")
         if s.kafka_heartbeat_interval_ms >= s.kafka_session_timeout_ms:
             raise ConfigError(
                 "KAFKA_HEARTBEAT_INTERVAL_MS must be lower than KAFKA_SESSION_TIMEOUT_MS"
@@ -236,6 +276,22 @@ def _topics(name: str, raw: str) -> tuple[str, ...]:
     if not topics:
         raise ConfigError(f"{name} must name at least one topic")
     return topics
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        for option in options:
+            if raw.lower() == option.lower():
+                return option
+        raise ConfigError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+
+    return parse
+
+
+def _file(name: str, raw: str) -> str:
+    if not Path(raw).is_file():
+        raise ConfigError(f"{name}: no such file {raw!r}")
+    return raw
 
 
 def _log_level(name: str, raw: str) -> str:

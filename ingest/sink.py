@@ -63,8 +63,9 @@ _EXISTING_CALLS = "SELECT id FROM calls WHERE id = ANY($1::uuid[])"
 _EXISTING_AGENTS = "SELECT id FROM agents WHERE id = ANY($1::uuid[])"
 
 _ANSWER_CALLS = """
-UPDATE calls SET status = 'in_progress', updated_at = now()
-WHERE id = ANY($1::uuid[]) AND status = 'initiated' AND ended_at IS NULL
+UPDATE calls AS c SET status = 'in_progress', updated_at = now()
+FROM unnest($1::uuid[]) AS u(id)
+WHERE c.id = u.id AND c.status = 'initiated' AND c.ended_at IS NULL
 """
 
 # A call with ended_at set is terminated: later terminations (and answers) leave it alone.

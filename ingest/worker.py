@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import signal
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -20,7 +19,7 @@ import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from ingest import metrics
+from ingest import metrics, security
 from ingest.batch import BatchBuilder, to_item
 from ingest.breaker import DeadLetterBreaker
 from ingest.deadletter import DeadLetterPublisher
@@ -37,6 +36,11 @@ STANDING_LOG_EVERY_S = 60.0
 STANDING_RETRY_MIN_S = 5.0
 PING_EVERY_S = 5
 CLOSE_RESERVE_S = 3.0
+# Records decoded between two returns to the event loop: decoding is CPU work, and the
+# write in flight makes progress only when the loop runs (each of its round trips waits).
+FETCH_CHUNK = 500
+# A write in flight longer than this pauses the partitions (backpressure).
+PAUSE_AFTER_S = 2.0
 # How the worker's sessions show in pg_stat_activity.
 APPLICATION_NAME = "ingest"
 
@@ -50,7 +54,9 @@ class Worker:
 
     def __init__(self, settings: Settings, kafka_options: dict[str, Any] | None = None) -> None:
         self.settings = settings
-        self.kafka_options = kafka_options or {}
+        self.kafka_options = (
+            kafka_options if kafka_options is not None else (security.kafka_options(settings))
+        )
         self.health = Health()
         self.stopping = asyncio.Event()
         self.probes = ProbeServer(
@@ -76,9 +82,10 @@ class Worker:
             max_bytes=settings.max_batch_bytes,
         )
         self._positions: dict[tuple[str, int], int] = {}
-        self._writing = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._in_flight: asyncio.Task[None] | None = None
+        self._retrying = False
         self._shutdown_deadline: float | None = None
         self._last_standing_log = -STANDING_LOG_EVERY_S
 
@@ -172,8 +179,15 @@ class Worker:
                     max_size=s.database_pool_max,
                     max_inactive_connection_lifetime=s.database_idle_timeout_ms / 1000,
                     timeout=s.database_connection_timeout_ms / 1000,
-                    server_settings={"application_name": APPLICATION_NAME},
+                    server_settings={
+                        "application_name": APPLICATION_NAME,
+                        # Plans of the per-batch lookups are made for each execution: a
+                        # generic plan cached while a table was empty (a fresh deployment,
+                        # a truncate) keeps scanning it sequentially as it grows.
+                        "plan_cache_mode": "force_custom_plan",
+                    },
                     command_timeout=s.write_timeout_s,
+                    ssl=security.postgres_ssl(s),
                 )
             except Exception as exc:
                 self._note_failure(exc)
@@ -231,24 +245,66 @@ class Worker:
                 await self._hold_while_breaker_open()
                 continue
             timeout_ms = max(1, int(self._batch.time_left() * 1000)) if len(self._batch) else 500
-            records = await src.fetch(timeout_ms=timeout_ms, max_records=max(1, self._batch.room))
+            records = await src.fetch(
+                timeout_ms=timeout_ms, max_records=max(1, min(self._batch.room, FETCH_CHUNK))
+            )
             self.health.group_joined = src.joined
-            if records:
-                for r in records:
-                    metrics.EVENTS_CONSUMED.labels(r.topic).inc()
-                self._batch.add(to_item(r) for r in records)
+            self._take_in(records)
             if self._batch.ready():
-                await self._write(self._batch.take())
+                # One write in flight at a time: the next batch is fetched and decoded while
+                # the current one is written, then waits for it.
+                await self._await_write()
+                if not self.breaker.is_open:
+                    self._in_flight = asyncio.create_task(self._write(self._batch.take()))
             src.report_lag(self._positions)
-        # Shutdown: store and commit what was already fetched, within the deadline (less a
-        # reserve for leaving the group); an unfinished write is rolled back, not committed.
-        if len(self._batch):
-            assert self._shutdown_deadline is not None
-            budget = self._shutdown_deadline - time.monotonic() - CLOSE_RESERVE_S
-            try:
-                await asyncio.wait_for(self._write(self._batch.take()), max(0.1, budget))
-            except TimeoutError:
-                raise ShutdownRequested from None
+        # Shutdown: finish the write in flight, then store and commit what was already
+        # fetched, within the deadline (less a reserve for leaving the group); an unfinished
+        # write is rolled back, not committed.
+        assert self._shutdown_deadline is not None
+        budget = self._shutdown_deadline - time.monotonic() - CLOSE_RESERVE_S
+        try:
+            async with asyncio.timeout(max(0.1, budget)):
+                await self._await_write()
+                if len(self._batch) and not self.breaker.is_open:
+                    await self._write(self._batch.take())
+        except TimeoutError:
+            raise ShutdownRequested from None
+
+    def _take_in(self, records: list[Any]) -> None:
+        if not records:
+            return
+        counts: dict[str, int] = {}
+        for r in records:
+            counts[r.topic] = counts.get(r.topic, 0) + 1
+        for topic, n in counts.items():
+            metrics.EVENTS_CONSUMED.labels(topic).inc(n)
+        self._batch.add(to_item(r) for r in records)
+
+    async def _await_write(self) -> None:
+        """Wait for the write in flight. A write that retries or takes long gets backpressure:
+        partitions are paused and the consumer keeps polling, so it stays in its group
+        however long the write takes. A quick write is waited for without pausing: a pause
+        makes aiokafka drop what it has prefetched for those partitions."""
+        task, src = self._in_flight, self._source
+        if task is None:
+            return
+        assert src is not None
+        paused_here = False
+        since = time.monotonic()
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if task.done():
+                break
+            if self._retrying or time.monotonic() - since >= PAUSE_AFTER_S:
+                if not src.paused:
+                    src.pause()
+                    paused_here = True
+                self._take_in(await src.fetch(timeout_ms=0, max_records=1))
+                self.health.group_joined = src.joined
+        self._in_flight = None
+        if paused_here and not self.breaker.is_open:
+            src.resume()
+        task.result()
 
     async def _write(self, items: list[Item]) -> None:
         src, writer = self._source, self._writer
@@ -258,8 +314,9 @@ class Worker:
         self._idle.clear()
         try:
             while True:
-                owned = src.owned()
-                items = [i for i in items if TopicPartition(i.ref.topic, i.ref.partition) in owned]
+                owned = {(tp.topic, tp.partition) for tp in src.owned()}
+                if any((i.ref.topic, i.ref.partition) not in owned for i in items):
+                    items = [i for i in items if (i.ref.topic, i.ref.partition) in owned]
                 if not items:
                     return
                 started = time.perf_counter()
@@ -271,27 +328,36 @@ class Worker:
                 except Exception as exc:
                     if not is_retryable(exc):
                         raise
+                    self._retrying = True
                     disposition = self._note_failure(exc)
                     delay = backoff.next_delay()
                     if disposition is Disposition.STANDING:
                         delay = max(delay, STANDING_RETRY_MIN_S)
-                    if not src.paused:
-                        src.pause()
-                    await self._poll_while_waiting(delay)
+                    await self._sleep_before_retry(delay)
                     continue
-                metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
+                took = time.perf_counter() - started
+                metrics.BATCH_WRITE_SECONDS.observe(took)
                 break
         finally:
             self._idle.set()
-        if src.paused:
-            src.resume()
+            self._retrying = False
         self.health.database_ok = True
         self.health.not_ready_because = None
-        self._record(items, result)
+        t_commit = time.perf_counter()
         await src.commit(result.positions)
+        self._record(items, result, took, time.perf_counter() - t_commit)
         dead = {dl.ref for dl in result.dead_letters}
         if self.breaker.record([i.ref in dead for i in items], time.monotonic()):
             self._open_breaker()
+
+    async def _sleep_before_retry(self, delay: float) -> None:
+        """Sleep ``delay`` s; give up (ShutdownRequested) when the shutdown deadline nears."""
+        end = time.monotonic() + delay
+        while (left := end - time.monotonic()) > 0:
+            deadline = self._shutdown_deadline
+            if deadline is not None and time.monotonic() >= deadline - CLOSE_RESERVE_S:
+                raise ShutdownRequested
+            await asyncio.sleep(min(left, 0.2))
 
     def _open_breaker(self) -> None:
         assert self._source is not None
@@ -311,20 +377,21 @@ class Worker:
         if self.breaker.due_to_close(time.monotonic()):
             self.reset_breaker()
             return
-        records = await src.fetch(timeout_ms=500, max_records=1)
-        if records:
-            self._batch.add(to_item(r) for r in records)
+        self._take_in(await src.fetch(timeout_ms=500, max_records=1))
 
-    def _record(self, items: list[Item], result: WriteResult) -> None:
+    def _record(
+        self, items: list[Item], result: WriteResult, took_s: float, commit_s: float
+    ) -> None:
         self._positions.update(result.positions)
         metrics.BATCH_EVENTS.observe(len(items))
         metrics.EVENTS_WRITTEN.inc(len(result.written))
         metrics.EVENTS_DUPLICATE.inc(result.duplicates)
         metrics.EVENTS_FENCED.inc(result.fenced)
         metrics.CALLS_TERMINATED.inc(result.terminated)
-        now = datetime.now(UTC)
+        now = time.time()
+        observe = metrics.EVENT_FRESHNESS_SECONDS.observe
         for e in result.written:
-            metrics.EVENT_FRESHNESS_SECONDS.observe(max(0.0, (now - e.created_at).total_seconds()))
+            observe(max(0.0, now - e.created_at.timestamp()))
         for dl in result.dead_letters:
             metrics.EVENTS_DEAD_LETTERED.labels(dl.reason).inc()
             log.warning(
@@ -343,6 +410,8 @@ class Worker:
             duplicates=result.duplicates,
             dead_letters=len(result.dead_letters),
             fenced=result.fenced,
+            write_ms=round(took_s * 1000, 1),
+            kafka_commit_ms=round(commit_s * 1000, 1),
         )
 
     def _note_failure(self, exc: BaseException) -> Disposition:
@@ -366,21 +435,6 @@ class Worker:
             self.health.not_ready_because = f"retrying after {type(exc).__name__}"
             log.warning("transient failure; retrying", target=target, error=_short(exc))
         return disposition
-
-    async def _poll_while_waiting(self, delay: float) -> None:
-        """Wait ``delay`` seconds while polling the (paused) consumer to stay in the group."""
-        src = self._source
-        assert src is not None
-        end = time.monotonic() + delay
-        while (left := end - time.monotonic()) > 0:
-            deadline = self._shutdown_deadline
-            if deadline is not None and time.monotonic() >= deadline - CLOSE_RESERVE_S:
-                raise ShutdownRequested
-            records = await src.fetch(timeout_ms=max(1, int(min(left, 0.5) * 1000)), max_records=1)
-            self.health.group_joined = src.joined
-            if records:
-                # Fetched just before the pause took hold: keep them for the next batch.
-                self._batch.add(to_item(r) for r in records)
 
     async def _sleep_or_stop(self, delay: float) -> bool:
         try:
