@@ -179,13 +179,7 @@ class Worker:
                     max_size=s.database_pool_max,
                     max_inactive_connection_lifetime=s.database_idle_timeout_ms / 1000,
                     timeout=s.database_connection_timeout_ms / 1000,
-                    server_settings={
-                        "application_name": APPLICATION_NAME,
-                        # Plans of the per-batch lookups are made for each execution: a
-                        # generic plan cached while a table was empty (a fresh deployment,
-                        # a truncate) keeps scanning it sequentially as it grows.
-                        "plan_cache_mode": "force_custom_plan",
-                    },
+                    server_settings={"application_name": APPLICATION_NAME},
                     command_timeout=s.write_timeout_s,
                     ssl=security.postgres_ssl(s),
                 )
