@@ -32,14 +32,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from ingest.devbroker import TansuBroker, free_port
+from ingest.devbroker import TansuBroker, free_port, fresh_local_database
 from ingest.migrate import Migrator, discover
 from ingest.produce import interleave
 
@@ -80,15 +79,7 @@ def events(n: int, seed: int, start: datetime = START) -> Iterator[dict[str, Any
 async def bench_database(url: str | None) -> str:
     """A fresh, migrated benchmark database (or the given one, migrated)."""
     if url is None:
-        admin_url = "postgresql://postgres@127.0.0.1:5432/postgres"
-        conn = await asyncpg.connect(admin_url)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
-        finally:
-            await conn.close()
-        p = urlsplit(admin_url)
-        url = urlunsplit((p.scheme, p.netloc, f"/{BENCH_DB}", "", ""))
+        url = await fresh_local_database(BENCH_DB)
     conn = await asyncpg.connect(url)
     try:
         await Migrator(conn, discover()).up()

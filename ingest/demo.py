@@ -13,14 +13,13 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from ingest.devbroker import TansuBroker, free_port
+from ingest.devbroker import TansuBroker, free_port, fresh_local_database
 from ingest.migrate import Migrator, discover
 from ingest.produce import ProduceStats, produce
 from ingest.report import summary
@@ -32,18 +31,8 @@ RATE, SECONDS = 1500, 25
 
 
 async def _database(url: str | None) -> str:
-    if url:
-        return url
-    admin_url = "postgresql://postgres@127.0.0.1:5432/postgres"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        # A fresh demo database each run, so the report shows this run only.
-        await conn.execute(f'DROP DATABASE IF EXISTS "{DEMO_DB}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{DEMO_DB}"')
-    finally:
-        await conn.close()
-    p = urlsplit(admin_url)
-    return urlunsplit((p.scheme, p.netloc, f"/{DEMO_DB}", "", ""))
+    # A fresh demo database each run, so the report shows this run only.
+    return url or await fresh_local_database(DEMO_DB)
 
 
 async def _prepare(database_url: str, bootstrap: str) -> None:

