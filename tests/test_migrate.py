@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -175,3 +176,56 @@ def test_bad_configuration_prints_one_line_naming_the_variable_and_exits_2(env, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
     assert variable in lines[0]
+
+
+async def _timescaledb_loadable(conn: asyncpg.Connection) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') "
+            "OR (EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') "
+            "AND current_setting('shared_preload_libraries') ILIKE '%timescaledb%')"
+        )
+    )
+
+
+@pytest.mark.timescaledb
+async def test_call_events_becomes_a_hypertable_with_the_configured_chunk_interval(empty_db):
+    conn = await asyncpg.connect(empty_db)
+    try:
+        if not await _timescaledb_loadable(conn):
+            pytest.skip("the timescaledb extension is not available on the test server")
+        await Migrator(conn, discover(), chunk_interval="6 hours").up()
+        interval = await conn.fetchval(
+            "SELECT time_interval FROM timescaledb_information.dimensions "
+            "WHERE hypertable_name = 'call_events' AND column_name = 'created_at'"
+        )
+        assert interval == timedelta(hours=6)
+        st = await Migrator(conn, discover()).status()
+        assert st.hypertable
+        # The key holds the time column, so a repeated (id, created_at) is refused.
+        cid = await conn.fetchval(
+            "INSERT INTO calls (from_number, to_number) VALUES ('+15550001', '+15550002') "
+            "RETURNING id"
+        )
+        eid = uuid.uuid4()
+        insert = (
+            "INSERT INTO call_events (id, call_id, event_type, event_data, created_at) "
+            "VALUES ($1, $2, 'answer', '{}', '2026-01-01T00:00:00Z') ON CONFLICT DO NOTHING"
+        )
+        await conn.execute(insert, eid, cid)
+        await conn.execute(insert, eid, cid)
+        assert await conn.fetchval("SELECT count(*) FROM call_events") == 1
+    finally:
+        await conn.close()
+
+
+async def test_without_timescaledb_call_events_stays_a_plain_table(empty_db):
+    conn = await asyncpg.connect(empty_db)
+    try:
+        if await _timescaledb_loadable(conn):
+            pytest.skip("the test server has timescaledb")
+        await Migrator(conn, discover()).up()
+        st = await Migrator(conn, discover()).status()
+        assert (st.timescaledb, st.hypertable) == (False, False)
+    finally:
+        await conn.close()
