@@ -45,11 +45,6 @@ class BatchBuilder:
             return 0
         return max(0, self.max_events - len(self._items))
 
-    @property
-    def size_bytes(self) -> int:
-        """Bytes of keys and values held."""
-        return self._bytes
-
     def add(self, items: Iterable[Item]) -> None:
         """Append items (in consumption order)."""
         before = len(self._items)

@@ -38,7 +38,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from ingest.devbroker import TansuBroker, free_port, fresh_local_database
+from ingest.devbroker import broker_or_env, free_port, fresh_local_database
 from ingest.migrate import Migrator, discover
 from ingest.produce import interleave
 
@@ -520,17 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output", type=Path, default=Path("bench-results/latest.json"))
     args = p.parse_args(argv)
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    broker: TansuBroker | None = None
-    if not bootstrap:
-        broker = TansuBroker()
-        broker.start()
-        bootstrap = broker.bootstrap
-    try:
+    with broker_or_env() as (bootstrap, broker):
         result = asyncio.run(run(args, bootstrap, "tansu (in memory)" if broker else bootstrap))
-    finally:
-        if broker is not None:
-            broker.stop()
     print(table(result))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2) + b"\n")

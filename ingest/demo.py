@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from ingest.devbroker import TansuBroker, free_port, fresh_local_database
+from ingest.devbroker import broker_or_env, free_port, fresh_local_database
 from ingest.migrate import Migrator, discover
 from ingest.produce import ProduceStats, produce
 from ingest.report import summary
@@ -172,20 +172,12 @@ async def _demo(database_url: str, bootstrap: str) -> int:
 def main() -> int:
     """Run the demo; return the worker's exit code."""
     url = os.environ.get("DATABASE_URL") or None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    broker: TansuBroker | None = None
-    if not bootstrap:
-        broker = TansuBroker()
-        broker.start()
-        bootstrap = broker.bootstrap
-        print(f"started a throwaway Tansu broker on {bootstrap}")
-    try:
+    with broker_or_env() as (bootstrap, broker):
+        if broker is not None:
+            print(f"started a throwaway Tansu broker on {bootstrap}")
         database_url = asyncio.run(_database(url))
         print(f"database: {redact_url(database_url)}")
         return asyncio.run(_demo(database_url, bootstrap))
-    finally:
-        if broker is not None:
-            broker.stop()
 
 
 if __name__ == "__main__":

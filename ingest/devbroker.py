@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -114,3 +115,21 @@ async def fresh_local_database(name: str, admin_url: str = LOCAL_ADMIN_URL) -> s
         await conn.close()
     p = urlsplit(admin_url)
     return urlunsplit((p.scheme, p.netloc, f"/{name}", "", ""))
+
+
+@contextlib.contextmanager
+def broker_or_env() -> Iterator[tuple[str, TansuBroker | None]]:
+    """``KAFKA_BOOTSTRAP_SERVERS`` when set; otherwise a throwaway Tansu broker for the block.
+
+    Yields the bootstrap address and the broker started here (None for an external one).
+    """
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external, None
+        return
+    broker = TansuBroker()
+    broker.start()
+    try:
+        yield broker.bootstrap, broker
+    finally:
+        broker.stop()

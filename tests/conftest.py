@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from ingest.devbroker import TansuBroker
+from ingest.devbroker import TansuBroker, broker_or_env
 from ingest.migrate import Migrator, discover
 from tests.support import Topics, create_topics
 
@@ -60,15 +60,8 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 @pytest.fixture(scope="session")
 def tansu() -> Iterator[TansuBroker | None]:
     """The session's own Tansu broker, or None when KAFKA_BOOTSTRAP_SERVERS names one."""
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield None
-        return
-    broker = TansuBroker()
-    broker.start()
-    try:
+    with broker_or_env() as (_, broker):
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture(scope="session")
