@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m ingest.demo
+	$(BIN)/python -m ingest.tools.demo
 
 test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider

@@ -13,7 +13,7 @@
 #   - the Grafana dashboard parses, every panel has a PromQL expr, and promtool accepts
 #     every expr (Grafana's variables substituted)
 #   - every ingest_* metric named by the alerts and the dashboard is defined in
-#     ingest/metrics.py (with the suffix Prometheus exports)
+#     ingest/service/metrics.py (with the suffix Prometheus exports)
 #   - hadolint deploy/Dockerfile
 #   - kubernetes-validate --strict on the core-kind manifests in deploy/k8s (newest
 #     Kubernetes the tool knows, and 1.28), and on the kustomize output when kubectl exists
@@ -144,7 +144,7 @@ run "grafana dashboard: JSON, one PromQL expr per target, promtool accepts every
   dashboard_exprs
 
 metric_names() {
-  "$PY" - ingest/metrics.py deploy/prometheus/alerts.yml deploy/grafana/ingest-dashboard.json <<'PYEOF'
+  "$PY" - ingest/service/metrics.py deploy/prometheus/alerts.yml deploy/grafana/ingest-dashboard.json <<'PYEOF'
 import ast
 import re
 import sys
@@ -173,7 +173,7 @@ if missing:
     sys.exit("\n".join(missing))
 PYEOF
 }
-run "alerts and dashboard use only metrics defined in ingest/metrics.py" metric_names
+run "alerts and dashboard use only metrics defined in ingest/service/metrics.py" metric_names
 
 # ------------------------------------------------------------------------ Dockerfile
 run "hadolint deploy/Dockerfile" "$VENV/bin/hadolint" deploy/Dockerfile

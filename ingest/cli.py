@@ -16,8 +16,8 @@ import asyncpg
 import orjson
 
 from ingest import __version__
-from ingest.deadletter import REASONS
-from ingest.settings import ConfigError, Settings, redact_url
+from ingest.pipeline.deadletter import REASONS
+from ingest.service.settings import ConfigError, Settings, redact_url
 
 EXIT_CONFIG = 2
 
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        from ingest import bench
+        from ingest.tools import bench
 
         return bench.main(argv[1:])
     args = _parser().parse_args(argv)
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "schema":
             return _schema(args.output)
         if args.command == "migrate" and args.verb == "create":
-            from ingest import migrate
+            from ingest.tools import migrate
 
             print(migrate.create(args.name))
             return 0
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ingest: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from ingest import logs
+    from ingest.service import logs
 
     logs.configure(settings.log_level)
     if args.command == "run":
@@ -107,8 +107,8 @@ def _timestamp(raw: str) -> datetime:
 
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    from ingest.replay import replay
-    from ingest.security import kafka_options
+    from ingest.service.security import kafka_options
+    from ingest.tools.replay import replay
 
     stats = await replay(
         settings, args.reason, args.since, args.dry_run, kafka_options=kafka_options(settings)
@@ -127,7 +127,7 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _schema(output: Path | None) -> int:
-    from ingest.contract import json_schema
+    from ingest.pipeline.contract import json_schema
 
     text = orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
     if output is None:
@@ -138,7 +138,7 @@ def _schema(output: Path | None) -> int:
 
 
 def _run(settings: Settings) -> int:
-    from ingest.worker import Worker
+    from ingest.pipeline.worker import Worker
 
     async def main() -> None:
         worker = Worker(settings)
@@ -156,7 +156,7 @@ def _run(settings: Settings) -> int:
 
 async def _connect(settings: Settings) -> asyncpg.Connection:
     try:
-        from ingest.security import postgres_ssl
+        from ingest.service.security import postgres_ssl
 
         return await asyncpg.connect(
             settings.database_url,
@@ -171,7 +171,7 @@ async def _connect(settings: Settings) -> asyncpg.Connection:
 
 
 async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from ingest import migrate
+    from ingest.tools import migrate
 
     conn = await _connect(settings)
     try:
@@ -207,7 +207,7 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _report(settings: Settings) -> int:
-    from ingest.report import summary
+    from ingest.tools.report import summary
 
     conn = await _connect(settings)
     try:
@@ -220,7 +220,7 @@ async def _report(settings: Settings) -> int:
 def _produce(args: argparse.Namespace) -> int:
     import os
 
-    from ingest.produce import produce
+    from ingest.tools.produce import produce
 
     if not 0 <= args.invalid_fraction <= 1:
         raise ConfigError("--invalid-fraction must be between 0 and 1")

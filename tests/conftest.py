@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from ingest.devbroker import TansuBroker, broker_or_env
-from ingest.migrate import Migrator, discover
+from ingest.tools.devbroker import TansuBroker, broker_or_env
+from ingest.tools.migrate import Migrator, discover
 from tests.support import Topics, create_topics
 
 TEST_DATABASE_URL = os.environ.get(

@@ -23,9 +23,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from ingest.deadletter import header_map
-from ingest.settings import Settings
-from ingest.worker import Worker
+from ingest.pipeline.deadletter import header_map
+from ingest.pipeline.worker import Worker
+from ingest.service.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -370,7 +370,7 @@ async def reconcile(db: asyncpg.Pool, t: Topics, pub: Published) -> Reconciliati
         except (orjson.JSONDecodeError, ValueError, TypeError, KeyError):
             eid = None
         if eid is None:
-            from ingest.contract import RecordRef, derive_event_id
+            from ingest.pipeline.contract import RecordRef, derive_event_id
 
             eid = derive_event_id(RecordRef(t.source, partition, offset))
         ids.setdefault(eid, []).append((partition, offset))

@@ -13,7 +13,7 @@ import uuid
 import asyncpg
 import orjson
 
-from ingest.produce import interleave, invalid_record
+from ingest.tools.produce import interleave, invalid_record
 from tests.support import (
     Published,
     Record,

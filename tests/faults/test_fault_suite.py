@@ -16,7 +16,7 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.devbroker import TansuBroker, free_port
+from ingest.tools.devbroker import TansuBroker, free_port
 from tests.faults.harness import (
     assert_reconciled,
     corpus,

@@ -1,0 +1,1 @@
+"""The data path: source -> contract -> batch -> sink -> commit, wired by the worker loop."""

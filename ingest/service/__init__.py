@@ -1,0 +1,1 @@
+"""The process around the pipeline: settings, logs, metrics, probes, security and topic checks."""

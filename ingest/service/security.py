@@ -1,0 +1,49 @@
+"""Transport security: TLS to PostgreSQL, SSL / SASL to Kafka, built from the settings.
+
+``sslmode`` (and ``sslrootcert``...) in ``DATABASE_URL`` work as asyncpg reads them; the
+explicit ``DATABASE_SSL_*`` settings, when given, build an SSL context instead. Kafka
+speaks PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512).
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from aiokafka.helpers import create_ssl_context
+
+from ingest.service.settings import Settings
+
+
+def postgres_ssl(settings: Settings) -> ssl.SSLContext | None:
+    """An SSL context for asyncpg when ``DATABASE_SSL_MODE`` is set; None leaves the URL's."""
+    mode = settings.database_ssl_mode
+    if mode is None or mode == "disable":
+        return None
+    ctx = ssl.create_default_context(cafile=settings.database_ssl_root_cert)
+    if mode == "require" and settings.database_ssl_root_cert is None:
+        # libpq's 'require': encrypted, server not verified.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif mode in ("require", "verify-ca"):
+        ctx.check_hostname = False
+    if settings.database_ssl_cert is not None:
+        ctx.load_cert_chain(settings.database_ssl_cert, settings.database_ssl_key)
+    return ctx
+
+
+def kafka_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for every aiokafka client (consumer, producer, admin)."""
+    protocol = settings.kafka_security_protocol
+    opts: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        opts["ssl_context"] = create_ssl_context(
+            cafile=settings.kafka_ssl_ca_file,
+            certfile=settings.kafka_ssl_cert_file,
+            keyfile=settings.kafka_ssl_key_file,
+        )
+    if protocol.startswith("SASL_"):
+        opts["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        opts["sasl_plain_username"] = settings.kafka_sasl_username
+        opts["sasl_plain_password"] = settings.kafka_sasl_password
+    return opts

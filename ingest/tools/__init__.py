@@ -1,0 +1,1 @@
+"""Operator and development commands; they use the pipeline, never the reverse."""

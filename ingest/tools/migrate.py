@@ -1,0 +1,226 @@
+"""Schema migrations: ordered SQL files with an up and a down part (``schema/migrations``).
+
+A small runner rather than a library: the maintained Python ones (alembic, yoyo) need
+SQLAlchemy or a DB-API driver, and this project speaks asyncpg only. Each migration runs
+in its own transaction and is recorded in ``ingest_schema_migrations``; a session-level
+advisory lock makes concurrent ``up`` runs (several replicas starting) take turns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+import asyncpg
+
+# Any fixed 64-bit number; it names this runner's lock among the database's advisory locks.
+ADVISORY_LOCK_KEY: Final = 0x1D6E57_4D16
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_UP = "-- migrate:up"
+_DOWN = "-- migrate:down"
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS ingest_schema_migrations (
+    version TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
+)
+"""
+
+
+class MigrationError(Exception):
+    """A migration file is malformed, or the database disagrees with the files."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One migration file, split into its two parts."""
+
+    version: str
+    name: str
+    up: str
+    down: str
+    checksum: str
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationState:
+    """One line of ``migrate status``."""
+
+    version: str
+    name: str
+    applied_at: datetime | None
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What ``migrate status`` reports."""
+
+    migrations: list[MigrationState]
+    timescaledb: bool
+    hypertable: bool
+
+
+def schema_dir() -> Path:
+    """Where the migration files are: inside an installed package, or in the source tree."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "_schema", package.parent / "schema"):
+        if (candidate / "migrations").is_dir():
+            return candidate
+    raise MigrationError("schema/migrations not found beside the ingest package")
+
+
+def parse(path: Path) -> Migration:
+    """Read one migration file; it must hold ``-- migrate:up`` then ``-- migrate:down``."""
+    m = _NAME.match(path.name)
+    if not m:
+        raise MigrationError(f"{path.name}: name must look like 0001_some_name.sql")
+    text = path.read_text(encoding="utf-8")
+    up_at, down_at = text.find(_UP), text.find(_DOWN)
+    if up_at < 0 or down_at < up_at:
+        raise MigrationError(f"{path.name}: needs '{_UP}' followed by '{_DOWN}'")
+    return Migration(
+        version=m.group(1),
+        name=m.group(2),
+        up=text[up_at + len(_UP) : down_at].strip(),
+        down=text[down_at + len(_DOWN) :].strip(),
+        checksum=hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+def discover(directory: Path | None = None) -> list[Migration]:
+    """All migrations, in version order; versions must be unique."""
+    d = (directory or schema_dir()) / "migrations"
+    found = [parse(p) for p in sorted(d.glob("*.sql"))]
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError("two migration files share a version number")
+    return found
+
+
+class Migrator:
+    """Applies, reverts and reports migrations over one connection."""
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        migrations: list[Migration],
+        chunk_interval: str = "1 day",
+        readonly_password: str | None = None,
+    ) -> None:
+        self._conn = conn
+        self._migrations = migrations
+        self._chunk_interval = chunk_interval
+        self._readonly_password = readonly_password
+
+    async def _applied(self) -> dict[str, tuple[str, datetime]]:
+        await self._conn.execute(_CREATE_TABLE)
+        rows = await self._conn.fetch(
+            "SELECT version, checksum, applied_at FROM ingest_schema_migrations"
+        )
+        return {r["version"]: (r["checksum"], r["applied_at"]) for r in rows}
+
+    async def _locked(self) -> None:
+        await self._conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
+
+    async def _unlock(self) -> None:
+        await self._conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
+
+    async def up(self, target: str | None = None) -> list[Migration]:
+        """Apply every pending migration (up to ``target``); return those applied."""
+        await self._locked()
+        try:
+            applied = await self._applied()
+            done: list[Migration] = []
+            for m in self._migrations:
+                if target is not None and m.version > target:
+                    break
+                if m.version in applied:
+                    continue
+                async with self._conn.transaction():
+                    # Settings reach the SQL as transaction-local parameters, never as literals.
+                    await self._conn.execute(
+                        "SELECT set_config('ingest.chunk_interval', $1, true), "
+                        "set_config('ingest.readonly_password', $2, true)",
+                        self._chunk_interval,
+                        self._readonly_password or "",
+                    )
+                    await self._conn.execute(m.up)
+                    await self._conn.execute(
+                        "INSERT INTO ingest_schema_migrations (version, name, checksum) "
+                        "VALUES ($1, $2, $3)",
+                        m.version,
+                        m.name,
+                        m.checksum,
+                    )
+                done.append(m)
+            return done
+        finally:
+            await self._unlock()
+
+    async def down(self, steps: int = 1) -> list[Migration]:
+        """Revert the last ``steps`` applied migrations, newest first; return those reverted."""
+        await self._locked()
+        try:
+            applied = await self._applied()
+            by_version = {m.version: m for m in self._migrations}
+            undone: list[Migration] = []
+            for version in sorted(applied, reverse=True)[:steps]:
+                m = by_version.get(version)
+                if m is None:
+                    raise MigrationError(f"applied migration {version} has no file to revert it")
+                async with self._conn.transaction():
+                    await self._conn.execute(m.down)
+                    await self._conn.execute(
+                        "DELETE FROM ingest_schema_migrations WHERE version = $1", version
+                    )
+                undone.append(m)
+            return undone
+        finally:
+            await self._unlock()
+
+    async def status(self) -> Status:
+        """Applied and pending migrations, and whether call_events is a hypertable."""
+        applied = await self._applied()
+        states = [
+            MigrationState(
+                m.version,
+                m.name,
+                applied[m.version][1] if m.version in applied else None,
+                m.version in applied and applied[m.version][0] != m.checksum,
+            )
+            for m in self._migrations
+        ]
+        tsdb = bool(
+            await self._conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
+            )
+        )
+        hyper = False
+        if tsdb:
+            hyper = bool(
+                await self._conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables "
+                    "WHERE hypertable_name = 'call_events')"
+                )
+            )
+        return Status(states, tsdb, hyper)
+
+
+def create(name: str, directory: Path | None = None) -> Path:
+    """Write an empty migration file with the next version number; return its path."""
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    if not slug:
+        raise MigrationError("a migration needs a name of letters or digits")
+    d = (directory or schema_dir()) / "migrations"
+    existing = discover(d.parent)
+    version = f"{(int(existing[-1].version) + 1) if existing else 1:04d}"
+    path = d / f"{version}_{slug}.sql"
+    path.write_text(f"-- {name}\n\n{_UP}\n\n{_DOWN}\n", encoding="utf-8")
+    return path
