@@ -56,6 +56,7 @@ async def test_a_session_ended_at_any_point_of_the_batch_transaction_never_stops
     await assert_reconciled(db, topics, pub, calls)
 
 
+@pytest.mark.timeout(SOAK_S + 180)
 async def test_sessions_terminated_again_and_again_without_a_pause_never_stop_the_worker(
     database_url, db, topics, tmp_path: Path
 ):
