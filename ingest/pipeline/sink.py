@@ -35,6 +35,8 @@ from ingest.pipeline.deadletter import (
     DeadLetterPublisher,
 )
 from ingest.pipeline.policy import Disposition, classify, sqlstate_of
+from ingest.pipeline.positions import StoredPosition, fingerprint
+from ingest.pipeline.positions import load as load_stored_positions
 
 TopicPartitionKey = tuple[str, int]
 REPLAN_EVERY_S = 5.0
@@ -48,16 +50,15 @@ ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = o.nex
 RETURNING o.topic, o.partition, o.next_offset
 """
 
+# With each position, the fingerprint of the record just below it (``positions.fingerprint``):
+# checked on assignment, so a recreated topic is not read from a stale position.
 _ADVANCE_POSITIONS = """
 UPDATE ingest_consumer_offsets AS o
-SET next_offset = v.next_offset, updated_at = now()
-FROM unnest($2::text[], $3::int[], $4::bigint[]) AS v(topic, partition, next_offset)
+SET next_offset = v.next_offset, last_record_fingerprint = v.fingerprint, updated_at = now()
+FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bytea[])
+     AS v(topic, partition, next_offset, fingerprint)
 WHERE o.consumer_group = $1 AND o.topic = v.topic AND o.partition = v.partition
   AND o.next_offset < v.next_offset
-"""
-
-_LOAD_POSITIONS = """
-SELECT topic, partition, next_offset FROM ingest_consumer_offsets WHERE consumer_group = $1
 """
 
 _EXISTING_EVENT_IDS = "SELECT id FROM call_events WHERE id = ANY($1::uuid[])"
@@ -122,6 +123,7 @@ class Item:
     key: bytes | None
     value: bytes | None
     decoded: CallEvent | Rejection
+    timestamp: int = -1  # the record's, for the fingerprint stored with the position
 
 
 @dataclass(slots=True)
@@ -161,11 +163,10 @@ class BatchWriter:
         async with self._pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
 
-    async def load_positions(self) -> dict[TopicPartitionKey, int]:
+    async def load_positions(self) -> dict[TopicPartitionKey, StoredPosition]:
         """The next offset to read per partition, as stored with the data."""
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(_LOAD_POSITIONS, self._group)
-        return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+            return await load_stored_positions(conn, self._group)
 
     async def write(self, items: Sequence[Item]) -> WriteResult:
         """Store a batch in one transaction; return only once it has committed.
@@ -221,12 +222,14 @@ class BatchWriter:
 
         result.positions = self._next_positions(items, stored)
         keys = sorted(result.positions)
+        last = _last_records(items)
         await conn.execute(
             _ADVANCE_POSITIONS,
             self._group,
             [k[0] for k in keys],
             [k[1] for k in keys],
             [result.positions[k] for k in keys],
+            [fingerprint(i.timestamp, i.key, i.value) for i in (last[k] for k in keys)],
         )
         return result
 
@@ -503,6 +506,16 @@ def _repeats_of_rejected(
                 _dead(repeat, dl.reason, f"repeat of a rejected event: {dl.detail}", dl.sqlstate)
             )
     return out
+
+
+def _last_records(items: Sequence[Item]) -> dict[TopicPartitionKey, Item]:
+    """The item with the highest offset per partition (the record below its new position)."""
+    last: dict[TopicPartitionKey, Item] = {}
+    for i in items:
+        k = (i.ref.topic, i.ref.partition)
+        if k not in last or last[k].ref.offset < i.ref.offset:
+            last[k] = i
+    return last
 
 
 def _event(item: Item) -> CallEvent:

@@ -23,6 +23,7 @@ from ingest.pipeline.batch import BatchBuilder, to_item
 from ingest.pipeline.breaker import DeadLetterBreaker
 from ingest.pipeline.deadletter import DeadLetterPublisher
 from ingest.pipeline.policy import Backoff, Disposition, classify, is_retryable, sqlstate_class
+from ingest.pipeline.positions import StoredPosition
 from ingest.pipeline.sink import BatchWriter, Item, WriteResult
 from ingest.pipeline.source import EventSource
 from ingest.service import metrics, security
@@ -206,10 +207,11 @@ class Worker:
         self.health.not_ready_because = None
         return True
 
-    async def _load_positions(self) -> dict[tuple[str, int], int]:
+    async def _load_positions(self) -> dict[tuple[str, int], StoredPosition]:
         assert self._writer is not None
-        self._positions = await self._writer.load_positions()
-        return self._positions
+        stored = await self._writer.load_positions()
+        self._positions = {k: s.next_offset for k, s in stored.items()}
+        return stored
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         # Let a write in flight finish (its commit is still ours to make); past the budget,
@@ -243,6 +245,8 @@ class Worker:
                 timeout_ms=timeout_ms, max_records=max(1, min(self._batch.room, FETCH_CHUNK))
             )
             self.health.group_joined = src.joined
+            await src.recheck_held()
+            self.health.positions_mismatch = src.held_reason()
             self._take_in(records)
             if self._batch.ready():
                 # One write in flight at a time: the next batch is fetched and decoded while
