@@ -209,9 +209,11 @@ class EventSource:
             # database still drops anything already stored, so this costs time, not data.
             log.error("stored positions unavailable; starting from Kafka's committed offsets")
         mine = {tp: s for tp in assigned if (s := stored.get((tp.topic, tp.partition))) is not None}
+        await self._check_positions(mine, first=True)
+        # Seek after the last await: a reset the fetch loop requested meanwhile (no Kafka
+        # commit yet) would otherwise win over the stored position.
         for tp, s in mine.items():
             self.consumer.seek(tp, s.next_offset)
-        await self._check_positions(mine, first=True)
         if self._paused_by_us:
             # Still backing off: keep the new partitions paused too.
             self.pause()
