@@ -150,48 +150,62 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _positions(settings: Settings, args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
+    group = args.group or settings.kafka_group_id
+    conn = await _connect(settings)
+    try:
+        return await _positions_on(conn, settings, args, group)
+    except (KafkaError, asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        text = (
+            str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
+        )
+        print(f"ingest: positions {args.verb} failed: {text}", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
+
+
+async def _positions_on(
+    conn: asyncpg.Connection, settings: Settings, args: argparse.Namespace, group: str
+) -> int:
     from ingest.service.security import kafka_options
     from ingest.tools import positions
 
-    group = args.group or settings.kafka_group_id
     opts = kafka_options(settings)
     bootstrap = settings.kafka_bootstrap_servers
-    conn = await _connect(settings)
-    try:
-        if args.verb == "show":
-            topics = args.topic or list(settings.kafka_topics)
-            rows = await positions.show(conn, bootstrap, opts, group, topics)
-            print(positions.format_show(group, rows))
-            return 0
-        if args.to_offset is not None and args.to_offset < 0:
-            print("ingest: --to-offset must be >= 0", file=sys.stderr)
-            return EXIT_CONFIG
-        target = (
-            positions.Target("offset", offset=args.to_offset)
-            if args.to_offset is not None
-            else positions.Target("datetime", at=args.to_datetime)
-            if args.to_datetime is not None
-            else positions.Target("latest" if args.to_latest else "earliest")
-        )
-        try:
-            result = await positions.reset(
-                conn,
-                bootstrap,
-                opts,
-                group,
-                args.topic,
-                args.partition,
-                target,
-                dry_run=args.dry_run,
-                force=args.force,
-            )
-        except positions.PositionsError as exc:
-            print(f"ingest: positions reset refused: {exc}", file=sys.stderr)
-            return 1
-        print(positions.format_plan(group, result, args.dry_run))
+    if args.verb == "show":
+        topics = args.topic or list(settings.kafka_topics)
+        rows = await positions.show(conn, bootstrap, opts, group, topics)
+        print(positions.format_show(group, rows))
         return 0
-    finally:
-        await conn.close()
+    if args.to_offset is not None and args.to_offset < 0:
+        print("ingest: --to-offset must be >= 0", file=sys.stderr)
+        return EXIT_CONFIG
+    target = (
+        positions.Target("offset", offset=args.to_offset)
+        if args.to_offset is not None
+        else positions.Target("datetime", at=args.to_datetime)
+        if args.to_datetime is not None
+        else positions.Target("latest" if args.to_latest else "earliest")
+    )
+    try:
+        result = await positions.reset(
+            conn,
+            bootstrap,
+            opts,
+            group,
+            args.topic,
+            args.partition,
+            target,
+            dry_run=args.dry_run,
+            force=args.force,
+        )
+    except positions.PositionsError as exc:
+        print(f"ingest: positions reset refused: {exc}", file=sys.stderr)
+        return 1
+    print(positions.format_plan(group, result, args.dry_run))
+    return 0
 
 
 def _schema(output: Path | None) -> int:

@@ -198,7 +198,7 @@ class LogProbe:
         )
 
     async def __aenter__(self) -> LogProbe:
-        await self.consumer.start()
+        await start_or_close(self.consumer)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -272,6 +272,15 @@ class LogProbe:
                 if r.offset + 1 >= high_watermark:
                     return high_watermark
         raise TimeoutError(f"{tp.topic}/{tp.partition}: no answer from the broker in time")
+
+
+async def start_or_close(consumer: AIOKafkaConsumer) -> None:
+    """Start ``consumer``; if that fails, release what it opened before raising."""
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()
+        raise
 
 
 async def check(

@@ -16,6 +16,7 @@ positions, so lag tooling agrees with the database.
 from __future__ import annotations
 
 import getpass
+import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ async def show(
     stored = await positions.load(conn, group)
     rows: list[PartitionState] = []
     committer = _group_probe(bootstrap, kafka_options, group)
-    await committer.start()
+    await positions.start_or_close(committer)
     try:
         async with LogProbe(bootstrap, kafka_options) as probe:
             for topic in topics:
@@ -303,7 +304,7 @@ async def reset(
     before = await positions.move(conn, group, topic, {m.partition: m.to for m in moves})
     result.moves = [Move(m.topic, m.partition, before[m.partition], m.to) for m in moves]
     result.applied = True
-    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    who = f"{_user()}@{socket.gethostname()}"
     for m in result.moves:
         # warning: the operator's record must survive LOG_LEVEL=warning.
         log.warning(
@@ -325,7 +326,7 @@ async def _commit_to_kafka(
     bootstrap: str, kafka_options: Mapping[str, Any], group: str, result: ResetResult
 ) -> None:
     consumer = _group_probe(bootstrap, kafka_options, group)
-    await consumer.start()
+    await positions.start_or_close(consumer)
     try:
         offsets = {
             TopicPartition(m.topic, m.partition): OffsetAndMetadata(m.to, "") for m in result.moves
@@ -347,6 +348,8 @@ def format_plan(group: str, result: ResetResult, dry_run: bool) -> str:
     lines = [f"group {group}" + ("  (dry run: nothing changed)" if dry_run else "")]
     if result.members:
         lines.append(f"live members: {', '.join(result.members)}")
+        if dry_run:
+            lines.append("a reset now is refused unless --force (stop the workers first)")
     for m in result.moves:
         was = "-" if m.stored is None else str(m.stored)
         verb = "would move" if dry_run else "moved"
@@ -357,6 +360,13 @@ def format_plan(group: str, result: ResetResult, dry_run: bool) -> str:
             + ("moved" if result.kafka_committed else f"not moved ({result.kafka_error})")
         )
     return "\n".join(lines)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        return f"uid {os.getuid()}"
 
 
 def _ms(ts: datetime) -> int:
