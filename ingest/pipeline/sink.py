@@ -126,6 +126,16 @@ class Item:
     timestamp: int = -1  # the record's, for the fingerprint stored with the position
 
 
+class PositionsMovedBack(Exception):
+    """Stored positions are behind where this writer's reads are: an operator moved them
+    back (``ingest positions reset --force``) under a live worker. Nothing of the batch was
+    stored; the reader must seek to ``positions`` (it would otherwise store past them)."""
+
+    def __init__(self, positions: dict[TopicPartitionKey, int]) -> None:
+        super().__init__(f"stored positions moved back: {positions}")
+        self.positions = positions
+
+
 @dataclass(slots=True)
 class WriteResult:
     """What one committed batch did."""
@@ -157,6 +167,10 @@ class BatchWriter:
         self._group = group_id
         self._publisher = publisher
         self._planned_at: dict[int, float] = {}
+        # Where this writer's reads continue per partition: the positions the reader sought
+        # to (``reading_from``) or that its batches stored. Positions only move forward,
+        # except by an operator's reset; one found behind this is such a reset.
+        self._reading_from: dict[TopicPartitionKey, int] = {}
 
     async def ping(self) -> None:
         """Raise unless the database answers."""
@@ -167,6 +181,10 @@ class BatchWriter:
         """The next offset to read per partition, as stored with the data."""
         async with self._pool.acquire() as conn:
             return await load_stored_positions(conn, self._group)
+
+    def reading_from(self, positions: dict[TopicPartitionKey, int]) -> None:
+        """The reader sought to ``positions``: batches continue from there."""
+        self._reading_from.update(positions)
 
     async def write(self, items: Sequence[Item]) -> WriteResult:
         """Store a batch in one transaction; return only once it has committed.
@@ -181,6 +199,7 @@ class BatchWriter:
             await self._refresh_plans(conn)
             async with conn.transaction():
                 result = await self._write_in(conn, items, result)
+        self._reading_from.update(result.positions)
         self._publisher.forget(dl.ref for dl in result.dead_letters)
         return result
 
@@ -199,6 +218,9 @@ class BatchWriter:
         self, conn: asyncpg.Connection, items: Sequence[Item], result: WriteResult
     ) -> WriteResult:
         stored = await self._lock_positions(conn, items)
+        moved = {k: p for k, p in stored.items() if p < self._reading_from.get(k, p)}
+        if moved:
+            raise PositionsMovedBack(moved)
         live = [i for i in items if i.ref.offset >= stored[(i.ref.topic, i.ref.partition)]]
         result.fenced = len(items) - len(live)
 

@@ -58,8 +58,10 @@ class EventSource:
         load_positions: PositionLoader,
         on_revoked: Callable[[set[TopicPartition]], Awaitable[None]],
         kafka_options: dict[str, Any],
+        on_seek: Callable[[dict[tuple[str, int], int]], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_seek = on_seek or (lambda _: None)
         self._load_positions = load_positions
         self._on_revoked_cb = on_revoked
         self.consumer = AIOKafkaConsumer(
@@ -212,8 +214,7 @@ class EventSource:
         await self._check_positions(mine, first=True)
         # Seek after the last await: a reset the fetch loop requested meanwhile (no Kafka
         # commit yet) would otherwise win over the stored position.
-        for tp, s in mine.items():
-            self.consumer.seek(tp, s.next_offset)
+        self.seek({(tp.topic, tp.partition): s.next_offset for tp, s in mine.items()})
         if self._paused_by_us:
             # Still backing off: keep the new partitions paused too.
             self.pause()
@@ -284,10 +285,20 @@ class EventSource:
                     position=stored[tp].next_offset,
                 )
                 if tp in self.owned():
-                    self.consumer.seek(tp, stored[tp].next_offset)
+                    self.seek({(tp.topic, tp.partition): stored[tp].next_offset})
                     if not self._paused_by_us:
                         self.consumer.resume(tp)
         metrics.PARTITIONS_HELD.set(len(self.held))
+
+    def seek(self, positions: dict[tuple[str, int], int]) -> None:
+        """Continue reading the owned ones of these partitions at these offsets."""
+        owned = self.owned()
+        done = {}
+        for (topic, partition), offset in positions.items():
+            if (tp := TopicPartition(topic, partition)) in owned:
+                self.consumer.seek(tp, offset)
+                done[(topic, partition)] = offset
+        self._on_seek(done)
 
     async def recheck_held(self) -> None:
         """Check the held partitions again (at most every ``RECHECK_HELD_S``): after

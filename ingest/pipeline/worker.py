@@ -24,7 +24,7 @@ from ingest.pipeline.breaker import DeadLetterBreaker
 from ingest.pipeline.deadletter import DeadLetterPublisher
 from ingest.pipeline.policy import Backoff, Disposition, classify, is_retryable, sqlstate_class
 from ingest.pipeline.positions import StoredPosition
-from ingest.pipeline.sink import BatchWriter, Item, WriteResult
+from ingest.pipeline.sink import BatchWriter, Item, PositionsMovedBack, WriteResult
 from ingest.pipeline.source import EventSource
 from ingest.service import metrics, security
 from ingest.service.probes import Health, ProbeServer
@@ -202,7 +202,13 @@ class Worker:
         await self._producer.start()
         publisher = DeadLetterPublisher(self._producer, s.kafka_dlq_topic)
         self._writer = BatchWriter(self._pool, s.kafka_group_id, publisher)
-        self._source = EventSource(s, self._load_positions, self._on_revoked, self.kafka_options)
+        self._source = EventSource(
+            s,
+            self._load_positions,
+            self._on_revoked,
+            self.kafka_options,
+            on_seek=self._writer.reading_from,
+        )
         await self._source.start()
         self.health.not_ready_because = None
         return True
@@ -323,6 +329,9 @@ class Worker:
                     result = await asyncio.wait_for(
                         writer.write(items), self.settings.write_timeout_s
                     )
+                except PositionsMovedBack as moved:
+                    items = self._follow_reset(moved.positions, items)
+                    continue
                 except Exception as exc:
                     if not is_retryable(exc):
                         raise
@@ -347,6 +356,24 @@ class Worker:
         dead = {dl.ref for dl in result.dead_letters}
         if self.breaker.record([i.ref in dead for i in items], time.monotonic()):
             self._open_breaker()
+
+    def _follow_reset(self, positions: dict[tuple[str, int], int], items: list[Item]) -> list[Item]:
+        """Read again from positions an operator moved back; return the batch without the
+        records of those partitions (they come again, from the new positions)."""
+        assert self._source is not None
+        log.warning(
+            "stored positions were moved back under this worker (ingest positions reset "
+            "--force); reading again from them",
+            positions={f"{t}/{p}": o for (t, p), o in sorted(positions.items())},
+        )
+        self._source.seek(positions)
+        self._positions.update(positions)
+
+        def keep(i: Item) -> bool:
+            return (i.ref.topic, i.ref.partition) not in positions
+
+        self._batch.drop(keep)
+        return [i for i in items if keep(i)]
 
     async def _sleep_before_retry(self, delay: float) -> None:
         """Sleep ``delay`` s; give up (ShutdownRequested) when the shutdown deadline nears."""

@@ -4,11 +4,12 @@ Positions live in PostgreSQL with the data, so ``kafka-consumer-groups --reset-o
 does not move the worker; this does, with the same choices (earliest, latest, a time, an
 offset; one partition or a whole topic; a dry run).
 
-A reset refuses while the group has members: a live worker keeps its fetch position in
-memory, and its next batch would store positions past a backward reset (a forward one is
-safe: the fence drops the records below it). ``--force`` skips that check; what it means is
-in the README. The reset itself runs in one transaction that takes the positions rows
-``FOR UPDATE``, so it serialises with a batch transaction holding them. Every move is
+A reset refuses while the group has members, unless ``--force``: moving positions under a
+running worker is then deliberate. It is also safe: the reset runs in one transaction that
+takes the positions rows ``FOR UPDATE``, so it serialises with a batch transaction holding
+them; a live worker's next batch below a forward move is fenced, and one past a backward
+move finds the position behind its reads, rolls back and seeks to it
+(``sink.PositionsMovedBack``). Every move is
 logged (who, what, from, to), and the group's Kafka offsets are committed to the new
 positions, so lag tooling agrees with the database.
 """
@@ -297,9 +298,9 @@ async def reset(
         return result
     if members and not force:
         raise Refused(
-            f"group {group} has {len(members)} live member(s) ({', '.join(members)}): a "
-            "running worker would store positions past the reset; stop the workers (scale "
-            "to 0) and run again, or add --force (see the README)"
+            f"group {group} has {len(members)} live member(s) ({', '.join(members)}): stop "
+            "the workers (scale to 0) and run again, or add --force to move the positions "
+            "under them (see the README)"
         )
     before = await positions.move(conn, group, topic, {m.partition: m.to for m in moves})
     result.moves = [Move(m.topic, m.partition, before[m.partition], m.to) for m in moves]

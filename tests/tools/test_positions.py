@@ -25,6 +25,7 @@ from tests.support import (
     call_events,
     create_topics,
     drained,
+    event,
     eventually,
     http_get_blocking,
     publish,
@@ -211,6 +212,37 @@ async def test_a_reset_is_refused_while_a_worker_of_the_group_consumes(database_
         assert "live member" in err
         assert "--force" in err
         assert await stored_positions(db, topics.group) == pub.ends
+
+
+async def test_a_forced_reset_back_under_a_live_worker_makes_it_read_again_from_there(
+    database_url, db, topics
+):
+    pub = await publish(topics.bootstrap, topics.source, _calls(6))
+    p = max(pub.ends, key=lambda k: pub.ends[k])
+    on_p = [(o, orjson.loads(v)) for part, o, (_, v) in pub.records if part == p and v]
+    ids = [uuid.UUID(e["id"]) for _, e in on_p]
+    async with running_worker(worker_env(database_url, topics)):
+        await drained(db, topics, pub)
+        # The operator lost these rows and re-reads the partition to restore them.
+        await db.execute("DELETE FROM call_events WHERE id = ANY($1::uuid[])", ids)
+        await _reset(db, topics, [p], positions.Target("earliest"), force=True)
+        # The live worker learns of the reset with its next batch of that partition.
+        call = uuid.UUID(on_p[0][1]["call_id"])
+        more = await publish(
+            topics.bootstrap, topics.source, [record(event(call, "transcription", {"text": "x"}))]
+        )
+        pub.extend(more)
+        await drained(db, topics, pub, timeout_s=30)
+
+        async def restored() -> bool:
+            n = await db.fetchval(
+                "SELECT count(*) FROM call_events WHERE id = ANY($1::uuid[])", ids
+            )
+            return bool(n == len(ids))
+
+        await eventually(restored, 20, "the deleted rows stored again from the reset position")
+    rec = await reconcile(db, topics, pub)
+    assert rec.problems == []
 
 
 # ------------------------------------------------------------------- recreated topic
