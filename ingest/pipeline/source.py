@@ -222,6 +222,7 @@ class EventSource:
             self.consumer.resume(*runnable)
         self.joined = True
         metrics.PARTITIONS_ASSIGNED.set(len(self.owned()))
+        metrics.PARTITIONS_HELD.set(len(self.held))
         log.info(
             "partitions assigned",
             partitions=sorted(f"{t.topic}/{t.partition}" for t in assigned),
