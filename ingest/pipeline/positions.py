@@ -214,7 +214,8 @@ class LogProbe:
 
         The high watermark comes from a fetch at the offset ListOffsets calls the end: on
         Kafka that is the end and the fetch returns none; on Tansu, after batched produces,
-        it is the last batch's first offset, and the fetch's high watermark is the truth.
+        it is the last batch's first offset + 1 (21 for 30 records in three batches), and
+        the fetch's high watermark is the truth.
         """
         tps = list(tps)
         if not tps:
@@ -257,7 +258,8 @@ class LogProbe:
     ) -> int:
         """The offset of the first record with a timestamp at or after ``timestamp_ms``
         (the high watermark when there is none). ListOffsets by time narrows the search;
-        the records themselves decide (Tansu answers with a batch's first offset)."""
+        the records themselves decide (Tansu answers with a batch's first offset, and with
+        offset 0, timestamp -1 for a time past the last record)."""
         c = self.consumer
         hint = (await c.offsets_for_times({tp: timestamp_ms})).get(tp)
         if hint is None or hint.timestamp < 0:
