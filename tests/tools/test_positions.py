@@ -157,6 +157,14 @@ async def test_reset_one_partition_to_a_time_takes_the_first_record_at_or_after_
     assert await stored_positions(db, topics.group) == {p: first_after}
 
 
+async def test_reset_to_a_time_after_the_last_record_takes_the_high_watermark(db, topics):
+    pub = await publish(topics.bootstrap, topics.source, _calls(4))
+    p = next(iter(pub.ends))
+    await asyncio.sleep(0.05)
+    await _reset(db, topics, [p], positions.Target("datetime", at=datetime.now(UTC)))
+    assert await stored_positions(db, topics.group) == {p: pub.ends[p]}
+
+
 async def test_reset_of_a_whole_topic_moves_every_partition_logs_it_and_kafka_follows(
     database_url, db, topics
 ):
