@@ -1,4 +1,4 @@
-"""The ``ingest`` command: run, migrate, produce, dlq replay, report, schema.
+"""The ``ingest`` command: run, migrate, produce, dlq replay, positions, report, schema.
 
 Exit codes: 0 done, 1 failed, 2 bad configuration or usage (one line on stderr).
 """
@@ -55,6 +55,27 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--since", type=_timestamp, help="only dead letters at or after (RFC 3339)")
     rp.add_argument("--dry-run", action="store_true", help="count only; publish nothing")
 
+    pos = sub.add_parser("positions", help="stored positions: show, reset")
+    psub = pos.add_subparsers(dest="verb", required=True)
+    show = psub.add_parser("show", help="stored position, high watermark and lag per partition")
+    show.add_argument("--group", help="default: KAFKA_GROUP_ID")
+    show.add_argument("--topic", action="append", help="repeatable; default: KAFKA_TOPICS")
+    rs = psub.add_parser("reset", help="move stored positions (refuses while workers consume)")
+    rs.add_argument("--group", help="default: KAFKA_GROUP_ID")
+    rs.add_argument("--topic", required=True)
+    rs.add_argument(
+        "--partition", type=int, action="append", help="repeatable; default: every partition"
+    )
+    to = rs.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to-earliest", action="store_true", help="the first retained record")
+    to.add_argument("--to-latest", action="store_true", help="the high watermark")
+    to.add_argument("--to-datetime", type=_timestamp, help="first record at or after (RFC 3339)")
+    to.add_argument("--to-offset", type=int, help="this offset (must be in the log)")
+    rs.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    rs.add_argument(
+        "--force", action="store_true", help="even while the group has live members (README)"
+    )
+
     sub.add_parser("report", help="calls by status, events by type, from the database")
     sub.add_parser("bench", help="benchmark (ingest bench --help)", add_help=False)
     sc = sub.add_parser("schema", help="print the event contract as JSON Schema")
@@ -96,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_report(settings))
     if args.command == "dlq":
         return asyncio.run(_replay(settings, args))
+    if args.command == "positions":
+        return asyncio.run(_positions(settings, args))
     raise AssertionError(args.command)
 
 
@@ -123,6 +146,65 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     )
     if stats.skipped_no_source:
         print(f"skipped {stats.skipped_no_source} record(s) without x-ingest-source-topic")
+    return 0
+
+
+async def _positions(settings: Settings, args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
+    group = args.group or settings.kafka_group_id
+    conn = await _connect(settings)
+    try:
+        return await _positions_on(conn, settings, args, group)
+    except (KafkaError, asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        text = (
+            str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
+        )
+        print(f"ingest: positions {args.verb} failed: {text}", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
+
+
+async def _positions_on(
+    conn: asyncpg.Connection, settings: Settings, args: argparse.Namespace, group: str
+) -> int:
+    from ingest.service.security import kafka_options
+    from ingest.tools import positions
+
+    opts = kafka_options(settings)
+    bootstrap = settings.kafka_bootstrap_servers
+    if args.verb == "show":
+        topics = args.topic or list(settings.kafka_topics)
+        rows = await positions.show(conn, bootstrap, opts, group, topics)
+        print(positions.format_show(group, rows))
+        return 0
+    if args.to_offset is not None and args.to_offset < 0:
+        print("ingest: --to-offset must be >= 0", file=sys.stderr)
+        return EXIT_CONFIG
+    target = (
+        positions.Target("offset", offset=args.to_offset)
+        if args.to_offset is not None
+        else positions.Target("datetime", at=args.to_datetime)
+        if args.to_datetime is not None
+        else positions.Target("latest" if args.to_latest else "earliest")
+    )
+    try:
+        result = await positions.reset(
+            conn,
+            bootstrap,
+            opts,
+            group,
+            args.topic,
+            args.partition,
+            target,
+            dry_run=args.dry_run,
+            force=args.force,
+        )
+    except positions.PositionsError as exc:
+        print(f"ingest: positions reset refused: {exc}", file=sys.stderr)
+        return 1
+    print(positions.format_plan(group, result, args.dry_run))
     return 0
 
 

@@ -14,7 +14,9 @@ from ingest.pipeline.sink import Item
 def to_item(record: Any) -> Item:
     """Decode one aiokafka ``ConsumerRecord`` into an ``Item``."""
     ref = RecordRef(record.topic, record.partition, record.offset)
-    return Item(ref, record.key, record.value, decode(record.value, ref, record.timestamp))
+    return Item(
+        ref, record.key, record.value, decode(record.value, ref, record.timestamp), record.timestamp
+    )
 
 
 class BatchBuilder:

@@ -37,6 +37,8 @@ from ingest.pipeline.deadletter import (
     DeadLetterPublisher,
 )
 from ingest.pipeline.policy import Disposition, classify, sqlstate_class, sqlstate_of
+from ingest.pipeline.positions import StoredPosition, fingerprint
+from ingest.pipeline.positions import load as load_stored_positions
 from ingest.service import metrics
 
 log = structlog.get_logger("ingest.sink")
@@ -53,16 +55,15 @@ ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = o.nex
 RETURNING o.topic, o.partition, o.next_offset
 """
 
+# With each position, the fingerprint of the record just below it (``positions.fingerprint``):
+# checked on assignment, so a recreated topic is not read from a stale position.
 _ADVANCE_POSITIONS = """
 UPDATE ingest_consumer_offsets AS o
-SET next_offset = v.next_offset, updated_at = now()
-FROM unnest($2::text[], $3::int[], $4::bigint[]) AS v(topic, partition, next_offset)
+SET next_offset = v.next_offset, last_record_fingerprint = v.fingerprint, updated_at = now()
+FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bytea[])
+     AS v(topic, partition, next_offset, fingerprint)
 WHERE o.consumer_group = $1 AND o.topic = v.topic AND o.partition = v.partition
   AND o.next_offset < v.next_offset
-"""
-
-_LOAD_POSITIONS = """
-SELECT topic, partition, next_offset FROM ingest_consumer_offsets WHERE consumer_group = $1
 """
 
 _EXISTING_EVENT_IDS = "SELECT id FROM call_events WHERE id = ANY($1::uuid[])"
@@ -127,6 +128,17 @@ class Item:
     key: bytes | None
     value: bytes | None
     decoded: CallEvent | Rejection
+    timestamp: int = -1  # the record's, for the fingerprint stored with the position
+
+
+class PositionsMovedBack(Exception):
+    """Stored positions are behind where this writer's reads are: an operator moved them
+    back (``ingest positions reset --force``) under a live worker. Nothing of the batch was
+    stored; the reader must seek to ``positions`` (it would otherwise store past them)."""
+
+    def __init__(self, positions: dict[TopicPartitionKey, int]) -> None:
+        super().__init__(f"stored positions moved back: {positions}")
+        self.positions = positions
 
 
 @dataclass(slots=True)
@@ -160,17 +172,24 @@ class BatchWriter:
         self._group = group_id
         self._publisher = publisher
         self._planned_at: dict[int, float] = {}
+        # Where this writer's reads continue per partition: the positions the reader sought
+        # to (``reading_from``) or that its batches stored. Positions only move forward,
+        # except by an operator's reset; one found behind this is such a reset.
+        self._reading_from: dict[TopicPartitionKey, int] = {}
 
     async def ping(self) -> None:
         """Raise unless the database answers."""
         async with self._session() as conn:
             await conn.fetchval("SELECT 1")
 
-    async def load_positions(self) -> dict[TopicPartitionKey, int]:
+    async def load_positions(self) -> dict[TopicPartitionKey, StoredPosition]:
         """The next offset to read per partition, as stored with the data."""
         async with self._session() as conn:
-            rows = await conn.fetch(_LOAD_POSITIONS, self._group)
-        return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+            return await load_stored_positions(conn, self._group)
+
+    def reading_from(self, positions: dict[TopicPartitionKey, int]) -> None:
+        """The reader sought to ``positions``: batches continue from there."""
+        self._reading_from.update(positions)
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[asyncpg.Connection]:
@@ -215,6 +234,7 @@ class BatchWriter:
             await self._refresh_plans(conn)
             async with conn.transaction():
                 result = await self._write_in(conn, items, result)
+        self._reading_from.update(result.positions)
         self._publisher.forget(dl.ref for dl in result.dead_letters)
         return result
 
@@ -233,6 +253,9 @@ class BatchWriter:
         self, conn: asyncpg.Connection, items: Sequence[Item], result: WriteResult
     ) -> WriteResult:
         stored = await self._lock_positions(conn, items)
+        moved = {k: p for k, p in stored.items() if p < self._reading_from.get(k, p)}
+        if moved:
+            raise PositionsMovedBack(moved)
         live = [i for i in items if i.ref.offset >= stored[(i.ref.topic, i.ref.partition)]]
         result.fenced = len(items) - len(live)
 
@@ -256,12 +279,14 @@ class BatchWriter:
 
         result.positions = self._next_positions(items, stored)
         keys = sorted(result.positions)
+        last = _last_records(items)
         await conn.execute(
             _ADVANCE_POSITIONS,
             self._group,
             [k[0] for k in keys],
             [k[1] for k in keys],
             [result.positions[k] for k in keys],
+            [fingerprint(i.timestamp, i.key, i.value) for i in (last[k] for k in keys)],
         )
         return result
 
@@ -538,6 +563,16 @@ def _repeats_of_rejected(
                 _dead(repeat, dl.reason, f"repeat of a rejected event: {dl.detail}", dl.sqlstate)
             )
     return out
+
+
+def _last_records(items: Sequence[Item]) -> dict[TopicPartitionKey, Item]:
+    """The item with the highest offset per partition (the record below its new position)."""
+    last: dict[TopicPartitionKey, Item] = {}
+    for i in items:
+        k = (i.ref.topic, i.ref.partition)
+        if k not in last or last[k].ref.offset < i.ref.offset:
+            last[k] = i
+    return last
 
 
 def _event(item: Item) -> CallEvent:

@@ -4,6 +4,13 @@ On assignment each partition is moved to the position stored with the data (the 
 is the source of truth); partitions with no stored position start at the group's Kafka
 commit, or at the earliest record for a new group. Kafka offsets are committed after each
 stored batch as well, for lag tooling, and only for partitions this consumer still owns.
+
+Before anything is read from a newly assigned partition, its stored position is checked
+against the broker (``positions.check``): a position beyond the log end, or a record below
+it that is not the one stored, means the topic is not the one the position was stored for
+(deleted and created again, another cluster). Such a partition is *held*: paused, named in
+one error with the ``ingest positions reset`` to run, and checked again every
+``RECHECK_HELD_S`` until the stored position fits (after the reset) or it is revoked.
 """
 
 from __future__ import annotations
@@ -19,12 +26,16 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 from aiokafka.structs import OffsetAndMetadata
 
+from ingest.pipeline.positions import StoredPosition, Verdict, check_within, reset_command
 from ingest.service import metrics
 from ingest.service.settings import Settings
 
 log = structlog.get_logger("ingest.source")
 
-PositionLoader = Callable[[], Awaitable[dict[tuple[str, int], int]]]
+PositionLoader = Callable[[], Awaitable[dict[tuple[str, int], StoredPosition]]]
+# Bounds the check of stored positions on assignment; past it the partitions resume unverified.
+CHECK_TIMEOUT_S = 10.0
+RECHECK_HELD_S = 5.0
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -47,8 +58,10 @@ class EventSource:
         load_positions: PositionLoader,
         on_revoked: Callable[[set[TopicPartition]], Awaitable[None]],
         kafka_options: dict[str, Any],
+        on_seek: Callable[[dict[tuple[str, int], int]], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_seek = on_seek or (lambda _: None)
         self._load_positions = load_positions
         self._on_revoked_cb = on_revoked
         self.consumer = AIOKafkaConsumer(
@@ -71,6 +84,10 @@ class EventSource:
         self.joined = False
         self.generation = 0
         self._paused_by_us: set[TopicPartition] = set()
+        self._kafka_options = kafka_options
+        # Partitions whose stored position does not fit the topic: paused until it does.
+        self.held: dict[TopicPartition, str] = {}
+        self._held_checked_at = 0.0
 
     async def start(self) -> None:
         """Connect and subscribe (the group is joined on the first fetch)."""
@@ -144,7 +161,7 @@ class EventSource:
 
     def resume(self) -> None:
         """Undo ``pause``."""
-        owned = self.owned() & self._paused_by_us
+        owned = self.owned() & self._paused_by_us - self.held.keys()
         if owned:
             self.consumer.resume(*owned)
         self._paused_by_us = set()
@@ -177,7 +194,11 @@ class EventSource:
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self.generation += 1
-        stored: dict[tuple[str, int], int] = {}
+        # Nothing is read from a partition before its stored position has been checked.
+        if assigned:
+            self.consumer.pause(*assigned)
+        self.held = {tp: why for tp, why in self.held.items() if tp in assigned}
+        stored: dict[tuple[str, int], StoredPosition] = {}
         for attempt in range(5):
             try:
                 stored = await self._load_positions()
@@ -189,17 +210,120 @@ class EventSource:
             # Without the stored positions the Kafka commit is used; the fence in the
             # database still drops anything already stored, so this costs time, not data.
             log.error("stored positions unavailable; starting from Kafka's committed offsets")
-        for tp in assigned:
-            pos = stored.get((tp.topic, tp.partition))
-            if pos is not None:
-                self.consumer.seek(tp, pos)
+        mine = {tp: s for tp in assigned if (s := stored.get((tp.topic, tp.partition))) is not None}
+        await self._check_positions(mine, first=True)
+        # Seek after the last await: a reset the fetch loop requested meanwhile (no Kafka
+        # commit yet) would otherwise win over the stored position.
+        self.seek({(tp.topic, tp.partition): s.next_offset for tp, s in mine.items()})
         if self._paused_by_us:
             # Still backing off: keep the new partitions paused too.
             self.pause()
+        elif runnable := assigned - self.held.keys():
+            self.consumer.resume(*runnable)
         self.joined = True
         metrics.PARTITIONS_ASSIGNED.set(len(self.owned()))
+        metrics.PARTITIONS_HELD.set(len(self.held))
         log.info(
             "partitions assigned",
             partitions=sorted(f"{t.topic}/{t.partition}" for t in assigned),
-            from_database=sum(1 for tp in assigned if (tp.topic, tp.partition) in stored),
+            from_database=len(mine),
+            held=len(self.held),
         )
+
+    async def _check_positions(
+        self, stored: dict[TopicPartition, StoredPosition], first: bool
+    ) -> None:
+        """Hold the partitions whose stored position does not fit the topic; release the
+        held ones that fit now. Unverifiable ones go on (what the worker did before)."""
+        if not stored:
+            return
+        try:
+            checks = await check_within(
+                self._settings.kafka_bootstrap_servers,
+                self._kafka_options,
+                stored,
+                CHECK_TIMEOUT_S,
+            )
+        except Exception as exc:
+            if first:
+                log.warning(
+                    "could not check stored positions against the broker; resuming unverified",
+                    error=repr(exc),
+                )
+            return
+        group = self._settings.kafka_group_id
+        for tp, (c, view) in checks.items():
+            if c.verdict is Verdict.MISMATCH:
+                if first or tp not in self.held:
+                    metrics.POSITION_MISMATCHES.labels(tp.topic).inc()
+                    log.error(
+                        "stored position does not belong to this topic: partition held, "
+                        "nothing read from it; reset its position to resume",
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        stored_position=stored[tp].next_offset,
+                        high_watermark=view.high_watermark,
+                        why=c.why,
+                        run=reset_command(group, tp.topic, tp.partition) + " --force",
+                    )
+                self.held[tp] = (
+                    f"{tp.topic}/{tp.partition} stored position {stored[tp].next_offset}: {c.why}"
+                )
+                continue
+            if c.verdict is Verdict.UNVERIFIED and first:
+                log.warning(
+                    "stored position not verified; resuming from it",
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    stored_position=stored[tp].next_offset,
+                    why=c.why,
+                )
+            if self.held.pop(tp, None) is not None:
+                log.warning(
+                    "stored position fits the topic now; partition released",
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    position=stored[tp].next_offset,
+                )
+                if tp in self.owned():
+                    self.seek({(tp.topic, tp.partition): stored[tp].next_offset})
+                    if not self._paused_by_us:
+                        self.consumer.resume(tp)
+        metrics.PARTITIONS_HELD.set(len(self.held))
+
+    def seek(self, positions: dict[tuple[str, int], int]) -> None:
+        """Continue reading the owned ones of these partitions at these offsets."""
+        owned = self.owned()
+        done = {}
+        for (topic, partition), offset in positions.items():
+            if (tp := TopicPartition(topic, partition)) in owned:
+                self.consumer.seek(tp, offset)
+                done[(topic, partition)] = offset
+        self._on_seek(done)
+
+    async def recheck_held(self) -> None:
+        """Check the held partitions again (at most every ``RECHECK_HELD_S``): after
+        ``ingest positions reset`` their stored positions fit, and they resume."""
+        now = time.monotonic()
+        if not self.held or now - self._held_checked_at < RECHECK_HELD_S:
+            return
+        self._held_checked_at = now
+        try:
+            stored = await self._load_positions()
+        except Exception as exc:
+            log.warning("cannot load stored positions", error=repr(exc))
+            return
+        held = {
+            tp: s
+            for tp in list(self.held)
+            if (s := stored.get((tp.topic, tp.partition))) is not None
+        }
+        await self._check_positions(held, first=False)
+
+    def held_reason(self) -> str | None:
+        """Why partitions are held (for /readyz), or None."""
+        if not self.held:
+            return None
+        reasons = sorted(self.held.values())
+        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        return f"stored positions do not fit the topic: {reasons[0]}{more}"

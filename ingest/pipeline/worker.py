@@ -23,7 +23,8 @@ from ingest.pipeline.batch import BatchBuilder, to_item
 from ingest.pipeline.breaker import DeadLetterBreaker
 from ingest.pipeline.deadletter import DeadLetterPublisher
 from ingest.pipeline.policy import Backoff, Disposition, classify, is_retryable, sqlstate_class
-from ingest.pipeline.sink import BatchWriter, Item, WriteResult
+from ingest.pipeline.positions import StoredPosition
+from ingest.pipeline.sink import BatchWriter, Item, PositionsMovedBack, WriteResult
 from ingest.pipeline.source import EventSource
 from ingest.service import metrics, security
 from ingest.service.probes import Health, ProbeServer
@@ -201,15 +202,22 @@ class Worker:
         await self._producer.start()
         publisher = DeadLetterPublisher(self._producer, s.kafka_dlq_topic)
         self._writer = BatchWriter(self._pool, s.kafka_group_id, publisher)
-        self._source = EventSource(s, self._load_positions, self._on_revoked, self.kafka_options)
+        self._source = EventSource(
+            s,
+            self._load_positions,
+            self._on_revoked,
+            self.kafka_options,
+            on_seek=self._writer.reading_from,
+        )
         await self._source.start()
         self.health.not_ready_because = None
         return True
 
-    async def _load_positions(self) -> dict[tuple[str, int], int]:
+    async def _load_positions(self) -> dict[tuple[str, int], StoredPosition]:
         assert self._writer is not None
-        self._positions = await self._writer.load_positions()
-        return self._positions
+        stored = await self._writer.load_positions()
+        self._positions = {k: s.next_offset for k, s in stored.items()}
+        return stored
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         # Let a write in flight finish (its commit is still ours to make); past the budget,
@@ -257,6 +265,8 @@ class Worker:
                 timeout_ms=timeout_ms, max_records=max(1, min(self._batch.room, FETCH_CHUNK))
             )
             self.health.group_joined = src.joined
+            await src.recheck_held()
+            self.health.positions_mismatch = src.held_reason()
             self._take_in(records)
             if self._batch.ready():
                 # One write in flight at a time: the next batch is fetched and decoded while
@@ -333,6 +343,9 @@ class Worker:
                     result = await asyncio.wait_for(
                         writer.write(items), self.settings.write_timeout_s
                     )
+                except PositionsMovedBack as moved:
+                    items = self._follow_reset(moved.positions, items)
+                    continue
                 except Exception as exc:
                     if not is_retryable(exc):
                         raise
@@ -357,6 +370,24 @@ class Worker:
         dead = {dl.ref for dl in result.dead_letters}
         if self.breaker.record([i.ref in dead for i in items], time.monotonic()):
             self._open_breaker()
+
+    def _follow_reset(self, positions: dict[tuple[str, int], int], items: list[Item]) -> list[Item]:
+        """Read again from positions an operator moved back; return the batch without the
+        records of those partitions (they come again, from the new positions)."""
+        assert self._source is not None
+        log.warning(
+            "stored positions were moved back under this worker (ingest positions reset "
+            "--force); reading again from them",
+            positions={f"{t}/{p}": o for (t, p), o in sorted(positions.items())},
+        )
+        self._source.seek(positions)
+        self._positions.update(positions)
+
+        def keep(i: Item) -> bool:
+            return (i.ref.topic, i.ref.partition) not in positions
+
+        self._batch.drop(keep)
+        return [i for i in items if keep(i)]
 
     async def _sleep_before_retry(self, delay: float) -> None:
         """Sleep ``delay`` s; give up (ShutdownRequested) when the shutdown deadline nears."""

@@ -87,6 +87,15 @@ OFFSET_RESETS: Final = Counter(
     "Partitions whose position was out of range on the broker and was reset to the earliest.",
     ["topic"],
 )
+POSITION_MISMATCHES: Final = Counter(
+    "ingest_position_mismatches",
+    "Assigned partitions whose stored position does not fit the topic (recreated, another "
+    "cluster): held, nothing read, until the position is reset.",
+    ["topic"],
+)
+PARTITIONS_HELD: Final = Gauge(
+    "ingest_partitions_held", "Partitions held because their stored position does not fit."
+)
 BREAKER_OPEN: Final = Gauge(
     "ingest_dlq_breaker_open", "1 while the dead-letter circuit breaker stops consumption."
 )

@@ -28,6 +28,7 @@ class Health:
         self.database_ok = False
         self.group_joined = False
         self.breaker_open: str | None = None
+        self.positions_mismatch: str | None = None
         self.not_ready_because: str | None = "starting"
 
     def beat(self) -> None:
@@ -46,6 +47,8 @@ class Health:
             return False, "consumer has not joined its group"
         if self.breaker_open is not None:
             return False, f"dead-letter breaker open: {self.breaker_open}"
+        if self.positions_mismatch is not None:
+            return False, self.positions_mismatch
         if self.not_ready_because is not None:
             return False, self.not_ready_because
         return True, "ready"
