@@ -12,11 +12,18 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
+from aiokafka.errors import (
+    CorruptRecordException,
+    KafkaError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+    UnsupportedCodecError,
+)
 from aiokafka.structs import OffsetAndMetadata
 
 from ingest.service import metrics
@@ -25,6 +32,27 @@ from ingest.service.settings import Settings
 log = structlog.get_logger("ingest.source")
 
 PositionLoader = Callable[[], Awaitable[dict[tuple[str, int], int]]]
+
+# A record batch the client cannot turn into records: a CRC that does not match (corrupt
+# on disk or on the wire), or a compression codec it has no library for (or never heard of).
+UNDECODABLE = (CorruptRecordException, UnsupportedCodecError)
+# After an undecodable batch, partitions are read one at a time until the culprit is found;
+# back to the normal fetch when this long passes without another one.
+ISOLATION_QUIET_S = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class Stall:
+    """A partition stopped at ``offset``, the first record batch it cannot decode."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: str
+
+    def describe(self) -> str:
+        """One line for /readyz and the log."""
+        return f"{self.topic}/{self.partition} at offset {self.offset}: {self.error}"
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -71,6 +99,11 @@ class EventSource:
         self.joined = False
         self.generation = 0
         self._paused_by_us: set[TopicPartition] = set()
+        self.stalls: dict[TopicPartition, Stall] = {}
+        # Partitions that raised an undecodable batch and are read one record at a time until
+        # the batch is reached; None outside isolation.
+        self._suspects: set[TopicPartition] | None = None
+        self._isolating_since = 0.0
 
     async def start(self) -> None:
         """Connect and subscribe (the group is joined on the first fetch)."""
@@ -80,15 +113,38 @@ class EventSource:
     async def stop(self) -> None:
         """Leave the group and close connections."""
         await self.consumer.stop()
+        self.stalls.clear()
+        metrics.PARTITIONS_STALLED.set(0)
 
     def owned(self) -> set[TopicPartition]:
         """The partitions assigned to this consumer now."""
         return set(self.consumer.assignment())
 
     async def fetch(self, timeout_ms: int, max_records: int) -> list[Any]:
-        """Up to ``max_records`` records, in offset order per partition."""
+        """Up to ``max_records`` records, in offset order per partition.
+
+        A partition whose next record batch cannot be decoded is stalled there (see
+        ``stalls``); the others keep flowing.
+        """
+        self._forget_stalls_not_owned()
+        if self._suspects is not None:
+            return await self._fetch_isolating(timeout_ms, max_records)
+        before = self._positions_now()
         try:
             batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except UNDECODABLE as exc:
+            # aiokafka has advanced the positions of records it then dropped with the
+            # exception (other partitions' included): go back to what was handed out, and
+            # read partition by partition to find the one that cannot be decoded.
+            for tp, position in before.items():
+                self.consumer.seek(tp, position)
+            self._suspects = set()
+            self._isolating_since = time.monotonic()
+            log.warning(
+                "a record batch could not be decoded; reading partitions one at a time to find it",
+                error=_short(exc),
+            )
+            return []
         except NoOffsetForPartitionError as exc:
             tp = exc.args[0] if exc.args else None
             log.info("no stored position, starting at the earliest record", partition=str(tp))
@@ -111,6 +167,86 @@ class EventSource:
         for tp_records in batches.values():
             records.extend(tp_records)
         return records
+
+    def _positions_now(self) -> dict[TopicPartition, int]:
+        """The client's next fetch position of every owned partition that has one.
+
+        Read from aiokafka's assignment state: ``position()`` is a coroutine that may wait
+        for a reset, and this is needed synchronously around every ``getmany``.
+        """
+        assignment = self.consumer._subscription.subscription
+        if assignment is None or assignment.assignment is None:
+            return {}
+        out: dict[TopicPartition, int] = {}
+        for tp in self.owned():
+            state = assignment.assignment.state_value(tp)
+            if state is not None and state.has_valid_position:
+                out[tp] = int(state.position)
+        return out
+
+    def _fetchable(self) -> list[TopicPartition]:
+        paused = set(self.consumer.paused())
+        return sorted(
+            (tp for tp in self.owned() if tp not in paused and tp not in self.stalls),
+            key=lambda tp: (tp.topic, tp.partition),
+        )
+
+    async def _fetch_isolating(self, timeout_ms: int, max_records: int) -> list[Any]:
+        """One pass over the fetchable partitions, each read on its own. A partition that
+        raises becomes a suspect and is stepped one record at a time from where it stood;
+        when a step raises, its position is the first offset of the bad batch: it stalls."""
+        assert self._suspects is not None
+        self._suspects &= self.owned()
+        fetchable = self._fetchable()
+        wait_ms = max(1, timeout_ms // max(1, len(fetchable)))
+        records: list[Any] = []
+        for tp in fetchable:
+            room = 1 if tp in self._suspects else max_records - len(records)
+            if room <= 0:
+                break
+            position = self._positions_now().get(tp)
+            try:
+                got = await self.consumer.getmany(tp, timeout_ms=wait_ms, max_records=room)
+            except UNDECODABLE as exc:
+                self._isolating_since = time.monotonic()
+                if position is None:
+                    continue
+                self.consumer.seek(tp, position)
+                if tp in self._suspects:
+                    self._stall(tp, position, exc)
+                else:
+                    self._suspects.add(tp)
+                continue
+            records.extend(got.get(tp, []))
+        quiet = time.monotonic() - self._isolating_since >= ISOLATION_QUIET_S
+        if not self._suspects - set(self.stalls) and quiet:
+            self._suspects = None
+        return records
+
+    def _stall(self, tp: TopicPartition, offset: int, exc: BaseException) -> None:
+        self.consumer.pause(tp)
+        self._paused_by_us.discard(tp)
+        stall = Stall(tp.topic, tp.partition, offset, _short(exc))
+        self.stalls[tp] = stall
+        metrics.UNDECODABLE_BATCHES.labels(tp.topic).inc()
+        metrics.PARTITIONS_STALLED.set(len(self.stalls))
+        log.error(
+            "record batch cannot be decoded: partition stopped at this offset; nothing "
+            "after it is read until an operator acts (see README, undecodable batches)",
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=offset,
+            error=stall.error,
+        )
+
+    def _forget_stalls_not_owned(self) -> None:
+        # A revoked partition is the next owner's to stall (or not); re-assigned, it is
+        # found again from its stored position.
+        gone = [tp for tp in self.stalls if tp not in self.owned()]
+        for tp in gone:
+            del self.stalls[tp]
+        if gone:
+            metrics.PARTITIONS_STALLED.set(len(self.stalls))
 
     async def _seek_to_beginning(self, tps: list[TopicPartition] | None) -> None:
         owned = self.owned()
@@ -139,7 +275,8 @@ class EventSource:
         """Stop fetching from every owned partition (the fetch loop keeps polling)."""
         owned = self.owned()
         self.consumer.pause(*owned)
-        self._paused_by_us = owned
+        # Stalled partitions stay paused when backpressure ends.
+        self._paused_by_us = owned - set(self.stalls)
         metrics.PARTITIONS_PAUSED.set(len(owned))
 
     def resume(self) -> None:
@@ -203,3 +340,8 @@ class EventSource:
             partitions=sorted(f"{t.topic}/{t.partition}" for t in assigned),
             from_database=sum(1 for tp in assigned if (tp.topic, tp.partition) in stored),
         )
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -243,6 +243,7 @@ class Worker:
                 timeout_ms=timeout_ms, max_records=max(1, min(self._batch.room, FETCH_CHUNK))
             )
             self.health.group_joined = src.joined
+            self.health.stalled = [stall.describe() for stall in src.stalls.values()]
             self._take_in(records)
             if self._batch.ready():
                 # One write in flight at a time: the next batch is fetched and decoded while

@@ -28,6 +28,8 @@ class Health:
         self.database_ok = False
         self.group_joined = False
         self.breaker_open: str | None = None
+        # Partitions stopped at a record batch that cannot be decoded, one line each.
+        self.stalled: list[str] = []
         self.not_ready_because: str | None = "starting"
 
     def beat(self) -> None:
@@ -46,6 +48,8 @@ class Health:
             return False, "consumer has not joined its group"
         if self.breaker_open is not None:
             return False, f"dead-letter breaker open: {self.breaker_open}"
+        if self.stalled:
+            return False, "partition stalled, undecodable record batch: " + "; ".join(self.stalled)
         if self.not_ready_because is not None:
             return False, self.not_ready_because
         return True, "ready"
