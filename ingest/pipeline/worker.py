@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 import time
 from typing import Any
 
@@ -184,8 +185,10 @@ class Worker:
                     ssl=security.postgres_ssl(s),
                 )
             except Exception as exc:
-                self._note_failure(exc)
-                if await self._sleep_or_stop(backoff.next_delay()):
+                delay = backoff.next_delay()
+                if self._note_failure(exc) is Disposition.STANDING:
+                    delay = max(delay, STANDING_RETRY_MIN_S)
+                if await self._sleep_or_stop(delay):
                     return False
         self.health.database_ok = True
 
@@ -425,6 +428,7 @@ class Worker:
                     "standing fault; consumption paused until it is fixed",
                     target=target,
                     error=_short(exc),
+                    **_hint(exc),
                 )
         else:
             self.health.not_ready_because = f"retrying after {type(exc).__name__}"
@@ -448,6 +452,15 @@ class Worker:
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 5)
+
+
+def _hint(exc: BaseException) -> dict[str, str]:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return {
+            "hint": "the server's TLS certificate is not signed by the configured CA "
+            "(sslrootcert / DATABASE_SSL_ROOT_CERT) or does not name the host connected to"
+        }
+    return {}
 
 
 def _short(exc: BaseException) -> str:

@@ -43,7 +43,9 @@ class Health:
     def ready(self) -> tuple[bool, str]:
         """Ready when the database answers, the group is joined and nothing stops consumption."""
         if not self.database_ok:
-            return False, "database unreachable"
+            # Say why when it is known (e.g. a standing fault: the certificate does not verify).
+            why = self.not_ready_because
+            return False, "database unreachable" + (f": {why}" if why and why != "starting" else "")
         if not self.group_joined:
             return False, "consumer has not joined its group"
         if self.breaker_open is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import ssl
 
 import asyncpg
 import pytest
@@ -208,3 +209,21 @@ def test_backoff_reset_starts_over() -> None:
 
     assert b.attempt == 0
     assert b.next_delay() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer",
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: IP address mismatch",
+    ],
+)
+def test_a_server_certificate_that_does_not_verify_is_standing(message: str) -> None:
+    exc = ssl.SSLCertVerificationError(1, message)
+
+    assert is_retryable(exc)
+    assert classify(exc) is Disposition.STANDING
+
+
+def test_other_tls_failures_stay_transient() -> None:
+    assert classify(ssl.SSLError(1, "[SSL: UNEXPECTED_EOF_WHILE_READING]")) is Disposition.TRANSIENT
