@@ -192,8 +192,20 @@ class Worker:
                     return False
         self.health.database_ok = True
 
-        if not await ensure_topics(s, self.kafka_options, self.stopping):
-            return False
+        backoff.reset()
+        while True:
+            try:
+                if not await ensure_topics(s, self.kafka_options, self.stopping):
+                    return False
+                break
+            except KafkaError as exc:
+                # Unreachable broker: retried. A certificate that does not verify: standing.
+                cause = await security.kafka_tls_failure(s, self.kafka_options)
+                delay = backoff.next_delay()
+                if self._note_failure(cause or exc, "kafka") is Disposition.STANDING:
+                    delay = max(delay, STANDING_RETRY_MIN_S)
+                if await self._sleep_or_stop(delay):
+                    return False
         self._producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap_servers,
             acks="all",
@@ -412,9 +424,9 @@ class Worker:
             kafka_commit_ms=round(commit_s * 1000, 1),
         )
 
-    def _note_failure(self, exc: BaseException) -> Disposition:
+    def _note_failure(self, exc: BaseException, target: str | None = None) -> Disposition:
         disposition = classify(exc)
-        target = "kafka" if isinstance(exc, KafkaError) else "database"
+        target = target or ("kafka" if isinstance(exc, KafkaError) else "database")
         metrics.RETRIES.labels(target).inc()
         if target == "database":
             metrics.DB_ERRORS.labels(sqlstate_class(exc)).inc()
@@ -458,7 +470,8 @@ def _hint(exc: BaseException) -> dict[str, str]:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return {
             "hint": "the server's TLS certificate is not signed by the configured CA "
-            "(sslrootcert / DATABASE_SSL_ROOT_CERT) or does not name the host connected to"
+            "(sslrootcert / DATABASE_SSL_ROOT_CERT for PostgreSQL, KAFKA_SSL_CA_FILE for "
+            "Kafka) or does not name the host connected to"
         }
     return {}
 

@@ -46,10 +46,13 @@ class Health:
             # Say why when it is known (e.g. a standing fault: the certificate does not verify).
             why = self.not_ready_because
             return False, "database unreachable" + (f": {why}" if why and why != "starting" else "")
-        if not self.group_joined:
-            return False, "consumer has not joined its group"
         if self.breaker_open is not None:
             return False, f"dead-letter breaker open: {self.breaker_open}"
+        if self.not_ready_because not in (None, "starting"):
+            # Before the group check: a broker the worker cannot reach is why it has not joined.
+            return False, str(self.not_ready_because)
+        if not self.group_joined:
+            return False, "consumer has not joined its group"
         if self.stalled:
             return False, "partition stalled, undecodable record batch: " + "; ".join(self.stalled)
         if self.not_ready_because is not None:

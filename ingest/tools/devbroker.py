@@ -54,9 +54,11 @@ def free_port() -> int:
 class TansuBroker:
     """One Tansu process on a free loopback port; ``bootstrap`` is its address."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, advertised: str | None = None) -> None:
         self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
+        # What metadata tells clients to connect to (e.g. a TLS proxy in front); default: itself.
+        self.advertised = advertised or self.bootstrap
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 20.0) -> None:
@@ -64,15 +66,14 @@ class TansuBroker:
         binary = tansu_binary()
         if not os.access(binary, os.X_OK):
             binary.chmod(binary.stat().st_mode | 0o111)
-        url = f"tcp://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [
                 str(binary),
                 "broker",
                 "--listener-url",
-                url,
+                f"tcp://127.0.0.1:{self.port}",
                 "--advertised-listener-url",
-                url,
+                f"tcp://{self.advertised}",
                 "--storage-engine",
                 "memory://tansu/",
             ],
