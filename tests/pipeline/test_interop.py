@@ -4,7 +4,9 @@ and a batch that cannot be decoded, through a real broker, worker and PostgreSQL
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
+from pathlib import Path
 
 import asyncpg
 import confluent_kafka
@@ -12,15 +14,18 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from ingest.service import metrics
+from ingest.tools.devbroker import free_port
 from tests.kafka_wire import produce_raw, record_batch, stored_codecs, with_bad_crc
 from tests.support import (
     Published,
     Record,
     Topics,
+    WorkerProcess,
     call_events,
     drained,
     eventually,
     http_get,
+    http_get_blocking,
     reconcile,
     record,
     running_worker,
@@ -162,4 +167,44 @@ async def test_a_corrupt_batch_stalls_its_partition_and_the_others_keep_flowing(
         assert metrics.UNDECODABLE_BATCHES.labels(topics.source)._value.get() == 1
     # Stopped where it is: stored up to the corrupt batch, and nothing after it skipped to.
     assert (await stored_positions(db, topics.group)).get(bad_partition, 0) == bad_offset
+    await _assert_stored_once(db, topics, pub)
+
+
+async def test_a_codec_without_its_library_stalls_only_that_partition(
+    database_url, db, topics, tmp_path: Path
+):
+    # The worker runs as an image built without the codec libraries would: cramjam (what
+    # aiokafka decodes snappy, lz4 and zstd with) fails to import.
+    shadow = tmp_path / "no-codecs"
+    shadow.mkdir()
+    (shadow / "cramjam.py").write_text("raise ImportError('cramjam left out of this image')\n")
+    pub = Published()
+    for p in (0, 2, 3):
+        pub.extend(await _publish_compressed(topics.bootstrap, topics.source, p, "gzip", _calls(2)))
+    snappy = await _publish_compressed(topics.bootstrap, topics.source, 1, "snappy", _calls(2))
+    port = free_port()
+    env = worker_env(
+        database_url,
+        topics,
+        INGEST_HTTP_PORT=str(port),
+        PYTHONPATH=os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")]),
+    )
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        await drained(db, topics, pub, timeout_s=30)
+
+        async def reported() -> bool:
+            status, body = await asyncio.to_thread(http_get_blocking, port, "/readyz")
+            return status == 503 and f"{topics.source}/1 at offset 0: UnsupportedCodecError" in body
+
+        await eventually(reported, 15, "/readyz to name the partition with the snappy batch")
+        assert worker.alive()
+        log = worker.log()
+    finally:
+        worker.stop()
+    stalls = [line for line in log.splitlines() if "record batch cannot be decoded" in line]
+    assert len(stalls) == 1, log[-3000:]
+    assert "snappy compression codec not found" in stalls[0]
+    assert (await stored_positions(db, topics.group)).get(1, 0) == 0
+    assert snappy.ends == {1: 10}
     await _assert_stored_once(db, topics, pub)
