@@ -126,7 +126,7 @@ class EventSource:
         A partition whose next record batch cannot be decoded is stalled there (see
         ``stalls``); the others keep flowing.
         """
-        self._forget_stalls_not_owned()
+        self._forget_stale_stalls()
         if self._suspects is not None:
             return await self._fetch_isolating(timeout_ms, max_records)
         before = self._positions_now()
@@ -198,29 +198,53 @@ class EventSource:
         assert self._suspects is not None
         self._suspects &= self.owned()
         fetchable = self._fetchable()
-        wait_ms = max(1, timeout_ms // max(1, len(fetchable)))
         records: list[Any] = []
+        if not fetchable:
+            # Everything paused or stalled: still poll (the group needs it), and wait.
+            await self.consumer.getmany(timeout_ms=timeout_ms, max_records=1)
+        wait_ms = max(1, timeout_ms // max(1, len(fetchable)))
         for tp in fetchable:
-            room = 1 if tp in self._suspects else max_records - len(records)
-            if room <= 0:
+            if len(records) >= max_records:
                 break
+            if tp in self._suspects:
+                records.extend(await self._step(tp, wait_ms, max_records - len(records)))
+                continue
             position = self._positions_now().get(tp)
             try:
-                got = await self.consumer.getmany(tp, timeout_ms=wait_ms, max_records=room)
-            except UNDECODABLE as exc:
+                got = await self.consumer.getmany(
+                    tp, timeout_ms=wait_ms, max_records=max_records - len(records)
+                )
+            except UNDECODABLE:
                 self._isolating_since = time.monotonic()
-                if position is None:
-                    continue
-                self.consumer.seek(tp, position)
-                if tp in self._suspects:
-                    self._stall(tp, position, exc)
-                else:
-                    self._suspects.add(tp)
+                self._suspects.add(tp)
+                if position is not None:
+                    self.consumer.seek(tp, position)
                 continue
             records.extend(got.get(tp, []))
         quiet = time.monotonic() - self._isolating_since >= ISOLATION_QUIET_S
         if not self._suspects - set(self.stalls) and quiet:
             self._suspects = None
+        return records
+
+    async def _step(self, tp: TopicPartition, wait_ms: int, room: int) -> list[Any]:
+        """Up to ``room`` records of a suspect, one per call, so that the client's position
+        is exactly the bad batch's first offset when it raises; then the partition stalls."""
+        records: list[Any] = []
+        while len(records) < room:
+            position = self._positions_now().get(tp)
+            try:
+                got = await self.consumer.getmany(
+                    tp, timeout_ms=0 if records else wait_ms, max_records=1
+                )
+            except UNDECODABLE as exc:
+                self._isolating_since = time.monotonic()
+                if position is not None:
+                    self.consumer.seek(tp, position)
+                    self._stall(tp, position, exc)
+                break
+            if not got.get(tp):
+                break
+            records.extend(got[tp])
         return records
 
     def _stall(self, tp: TopicPartition, offset: int, exc: BaseException) -> None:
@@ -239,10 +263,11 @@ class EventSource:
             error=stall.error,
         )
 
-    def _forget_stalls_not_owned(self) -> None:
-        # A revoked partition is the next owner's to stall (or not); re-assigned, it is
-        # found again from its stored position.
-        gone = [tp for tp in self.stalls if tp not in self.owned()]
+    def _forget_stale_stalls(self) -> None:
+        # A revoked partition is the next owner's to stall (or not). One assigned again
+        # comes back unpaused, from its stored position: it is found again if still bad.
+        owned, paused = self.owned(), set(self.consumer.paused())
+        gone = [tp for tp in self.stalls if tp not in owned or tp not in paused]
         for tp in gone:
             del self.stalls[tp]
         if gone:
