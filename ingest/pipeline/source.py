@@ -129,15 +129,14 @@ class EventSource:
         self._forget_stale_stalls()
         if self._suspects is not None:
             return await self._fetch_isolating(timeout_ms, max_records)
-        before = self._positions_now()
+        before, generation = self._positions_now(), self.generation
         try:
             batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         except UNDECODABLE as exc:
             # aiokafka has advanced the positions of records it then dropped with the
             # exception (other partitions' included): go back to what was handed out, and
             # read partition by partition to find the one that cannot be decoded.
-            for tp, position in before.items():
-                self.consumer.seek(tp, position)
+            await self._rewind(before, generation)
             self._suspects = set()
             self._isolating_since = time.monotonic()
             log.warning(
@@ -184,6 +183,29 @@ class EventSource:
                 out[tp] = int(state.position)
         return out
 
+    async def _rewind(self, before: dict[TopicPartition, int], generation: int) -> None:
+        """Seek back to ``before`` (positions taken before a failed call), or, when a
+        rebalance ran during the call, to what the database stored: the seeks made on
+        assignment were overtaken by records the client then dropped with the error."""
+        targets = before
+        if generation != self.generation:
+            try:
+                stored = await self._load_positions()
+            except Exception as exc:
+                # Without them the client's positions stand; the fence in the database
+                # still drops anything stored twice, but records may be skipped: say so.
+                log.error("cannot rewind after an undecodable batch", error=repr(exc))
+                return
+            targets = {
+                tp: stored[(tp.topic, tp.partition)]
+                for tp in self.owned()
+                if (tp.topic, tp.partition) in stored
+            }
+        owned = self.owned()
+        for tp, position in targets.items():
+            if tp in owned:
+                self.consumer.seek(tp, position)
+
     def _fetchable(self) -> list[TopicPartition]:
         paused = set(self.consumer.paused())
         return sorted(
@@ -209,7 +231,7 @@ class EventSource:
             if tp in self._suspects:
                 records.extend(await self._step(tp, wait_ms, max_records - len(records)))
                 continue
-            position = self._positions_now().get(tp)
+            before, generation = self._positions_now(), self.generation
             try:
                 got = await self.consumer.getmany(
                     tp, timeout_ms=wait_ms, max_records=max_records - len(records)
@@ -217,8 +239,7 @@ class EventSource:
             except UNDECODABLE:
                 self._isolating_since = time.monotonic()
                 self._suspects.add(tp)
-                if position is not None:
-                    self.consumer.seek(tp, position)
+                await self._rewind({tp: before[tp]} if tp in before else {}, generation)
                 continue
             records.extend(got.get(tp, []))
         quiet = time.monotonic() - self._isolating_since >= ISOLATION_QUIET_S
@@ -231,14 +252,16 @@ class EventSource:
         is exactly the bad batch's first offset when it raises; then the partition stalls."""
         records: list[Any] = []
         while len(records) < room:
-            position = self._positions_now().get(tp)
+            position, generation = self._positions_now().get(tp), self.generation
             try:
                 got = await self.consumer.getmany(
                     tp, timeout_ms=0 if records else wait_ms, max_records=1
                 )
             except UNDECODABLE as exc:
                 self._isolating_since = time.monotonic()
-                if position is not None:
+                if position is None or generation != self.generation or tp not in self.owned():
+                    await self._rewind({}, generation)
+                else:
                     self.consumer.seek(tp, position)
                     self._stall(tp, position, exc)
                 break
