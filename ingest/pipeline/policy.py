@@ -7,8 +7,9 @@ PostgreSQL errors are judged by SQLSTATE class:
   available, 57 operator intervention, 58 system, timeouts, broker errors): the same batch
   is retried with capped exponential backoff and jitter;
 - ``STANDING`` (42 undefined object / privilege, 3D database missing, 28 authentication,
-  0A unsupported, 2B/3F): consumption pauses, readiness fails, retried slowly, logged once
-  a minute; never dead-lettered because of it.
+  0A unsupported, 2B/3F), and a server certificate that does not verify (wrong CA, wrong
+  host name): consumption pauses, readiness fails, retried slowly, logged once a minute;
+  never dead-lettered because of it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
+import ssl
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -78,6 +80,9 @@ def classify(exc: BaseException) -> Disposition:
     if isinstance(
         exc, asyncpg.InvalidCatalogNameError | asyncpg.InvalidAuthorizationSpecificationError
     ):
+        return Disposition.STANDING
+    # An OSError, but no retry cures it: the CA file or the server's certificate must change.
+    if isinstance(exc, ssl.SSLCertVerificationError):
         return Disposition.STANDING
     return Disposition.TRANSIENT
 

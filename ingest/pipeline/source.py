@@ -19,11 +19,18 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
+from aiokafka.errors import (
+    CorruptRecordException,
+    KafkaError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+    UnsupportedCodecError,
+)
 from aiokafka.structs import OffsetAndMetadata
 
 from ingest.pipeline.positions import StoredPosition, Verdict, check_within, reset_command
@@ -36,6 +43,27 @@ PositionLoader = Callable[[], Awaitable[dict[tuple[str, int], StoredPosition]]]
 # Bounds the check of stored positions on assignment; past it the partitions resume unverified.
 CHECK_TIMEOUT_S = 10.0
 RECHECK_HELD_S = 5.0
+
+# A record batch the client cannot turn into records: a CRC that does not match (corrupt
+# on disk or on the wire), or a compression codec it has no library for (or never heard of).
+UNDECODABLE = (CorruptRecordException, UnsupportedCodecError)
+# After an undecodable batch, partitions are read one at a time until the culprit is found;
+# back to the normal fetch when this long passes without another one.
+ISOLATION_QUIET_S = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class Stall:
+    """A partition stopped at ``offset``, the first record batch it cannot decode."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: str
+
+    def describe(self) -> str:
+        """One line for /readyz and the log."""
+        return f"{self.topic}/{self.partition} at offset {self.offset}: {self.error}"
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -89,6 +117,12 @@ class EventSource:
         self.held: dict[TopicPartition, str] = {}
         self._held_checked_at = 0.0
 
+        self.stalls: dict[TopicPartition, Stall] = {}
+        # Partitions that raised an undecodable batch and are read one record at a time until
+        # the batch is reached; None outside isolation.
+        self._suspects: set[TopicPartition] | None = None
+        self._isolating_since = 0.0
+
     async def start(self) -> None:
         """Connect and subscribe (the group is joined on the first fetch)."""
         await self.consumer.start()
@@ -97,15 +131,37 @@ class EventSource:
     async def stop(self) -> None:
         """Leave the group and close connections."""
         await self.consumer.stop()
+        self.stalls.clear()
+        metrics.PARTITIONS_STALLED.set(0)
 
     def owned(self) -> set[TopicPartition]:
         """The partitions assigned to this consumer now."""
         return set(self.consumer.assignment())
 
     async def fetch(self, timeout_ms: int, max_records: int) -> list[Any]:
-        """Up to ``max_records`` records, in offset order per partition."""
+        """Up to ``max_records`` records, in offset order per partition.
+
+        A partition whose next record batch cannot be decoded is stalled there (see
+        ``stalls``); the others keep flowing.
+        """
+        self._forget_stale_stalls()
+        if self._suspects is not None:
+            return await self._fetch_isolating(timeout_ms, max_records)
+        before, generation = self._positions_now(), self.generation
         try:
             batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except UNDECODABLE as exc:
+            # aiokafka has advanced the positions of records it then dropped with the
+            # exception (other partitions' included): go back to what was handed out, and
+            # read partition by partition to find the one that cannot be decoded.
+            await self._rewind(before, generation)
+            self._suspects = set()
+            self._isolating_since = time.monotonic()
+            log.warning(
+                "a record batch could not be decoded; reading partitions one at a time to find it",
+                error=_short(exc),
+            )
+            return []
         except NoOffsetForPartitionError as exc:
             tp = exc.args[0] if exc.args else None
             log.info("no stored position, starting at the earliest record", partition=str(tp))
@@ -128,6 +184,135 @@ class EventSource:
         for tp_records in batches.values():
             records.extend(tp_records)
         return records
+
+    def _positions_now(self) -> dict[TopicPartition, int]:
+        """The client's next fetch position of every owned partition that has one.
+
+        Read from aiokafka's assignment state: ``position()`` is a coroutine that may wait
+        for a reset, and this is needed synchronously around every ``getmany``.
+        """
+        assignment = self.consumer._subscription.subscription
+        if assignment is None or assignment.assignment is None:
+            return {}
+        out: dict[TopicPartition, int] = {}
+        for tp in self.owned():
+            state = assignment.assignment.state_value(tp)
+            if state is not None and state.has_valid_position:
+                out[tp] = int(state.position)
+        return out
+
+    async def _rewind(self, before: dict[TopicPartition, int], generation: int) -> None:
+        """Seek back to ``before`` (positions taken before a failed call), or, when a
+        rebalance ran during the call, to what the database stored: the seeks made on
+        assignment were overtaken by records the client then dropped with the error."""
+        targets = before
+        if generation != self.generation:
+            try:
+                stored = await self._load_positions()
+            except Exception as exc:
+                # Without them the client's positions stand; the fence in the database
+                # still drops anything stored twice, but records may be skipped: say so.
+                log.error("cannot rewind after an undecodable batch", error=repr(exc))
+                return
+            targets = {
+                tp: stored[(tp.topic, tp.partition)].next_offset
+                for tp in self.owned()
+                if (tp.topic, tp.partition) in stored
+            }
+        owned = self.owned()
+        for tp, position in targets.items():
+            if tp in owned:
+                self.consumer.seek(tp, position)
+
+    def _fetchable(self) -> list[TopicPartition]:
+        paused = set(self.consumer.paused())
+        return sorted(
+            (tp for tp in self.owned() if tp not in paused and tp not in self.stalls),
+            key=lambda tp: (tp.topic, tp.partition),
+        )
+
+    async def _fetch_isolating(self, timeout_ms: int, max_records: int) -> list[Any]:
+        """One pass over the fetchable partitions, each read on its own. A partition that
+        raises becomes a suspect and is stepped one record at a time from where it stood;
+        when a step raises, its position is the first offset of the bad batch: it stalls."""
+        assert self._suspects is not None
+        self._suspects &= self.owned()
+        fetchable = self._fetchable()
+        records: list[Any] = []
+        if not fetchable:
+            # Everything paused or stalled: still poll (the group needs it), and wait.
+            await self.consumer.getmany(timeout_ms=timeout_ms, max_records=1)
+        wait_ms = max(1, timeout_ms // max(1, len(fetchable)))
+        for tp in fetchable:
+            if len(records) >= max_records:
+                break
+            if tp in self._suspects:
+                records.extend(await self._step(tp, wait_ms, max_records - len(records)))
+                continue
+            before, generation = self._positions_now(), self.generation
+            try:
+                got = await self.consumer.getmany(
+                    tp, timeout_ms=wait_ms, max_records=max_records - len(records)
+                )
+            except UNDECODABLE:
+                self._isolating_since = time.monotonic()
+                self._suspects.add(tp)
+                await self._rewind({tp: before[tp]} if tp in before else {}, generation)
+                continue
+            records.extend(got.get(tp, []))
+        quiet = time.monotonic() - self._isolating_since >= ISOLATION_QUIET_S
+        if not self._suspects - set(self.stalls) and quiet:
+            self._suspects = None
+        return records
+
+    async def _step(self, tp: TopicPartition, wait_ms: int, room: int) -> list[Any]:
+        """Up to ``room`` records of a suspect, one per call, so that the client's position
+        is exactly the bad batch's first offset when it raises; then the partition stalls."""
+        records: list[Any] = []
+        while len(records) < room:
+            position, generation = self._positions_now().get(tp), self.generation
+            try:
+                got = await self.consumer.getmany(
+                    tp, timeout_ms=0 if records else wait_ms, max_records=1
+                )
+            except UNDECODABLE as exc:
+                self._isolating_since = time.monotonic()
+                if position is None or generation != self.generation or tp not in self.owned():
+                    await self._rewind({}, generation)
+                else:
+                    self.consumer.seek(tp, position)
+                    self._stall(tp, position, exc)
+                break
+            if not got.get(tp):
+                break
+            records.extend(got[tp])
+        return records
+
+    def _stall(self, tp: TopicPartition, offset: int, exc: BaseException) -> None:
+        self.consumer.pause(tp)
+        self._paused_by_us.discard(tp)
+        stall = Stall(tp.topic, tp.partition, offset, _short(exc))
+        self.stalls[tp] = stall
+        metrics.UNDECODABLE_BATCHES.labels(tp.topic).inc()
+        metrics.PARTITIONS_STALLED.set(len(self.stalls))
+        log.error(
+            "record batch cannot be decoded: partition stopped at this offset; nothing "
+            "after it is read until an operator acts (see README, undecodable batches)",
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=offset,
+            error=stall.error,
+        )
+
+    def _forget_stale_stalls(self) -> None:
+        # A revoked partition is the next owner's to stall (or not). One assigned again
+        # comes back unpaused, from its stored position: it is found again if still bad.
+        owned, paused = self.owned(), set(self.consumer.paused())
+        gone = [tp for tp in self.stalls if tp not in owned or tp not in paused]
+        for tp in gone:
+            del self.stalls[tp]
+        if gone:
+            metrics.PARTITIONS_STALLED.set(len(self.stalls))
 
     async def _seek_to_beginning(self, tps: list[TopicPartition] | None) -> None:
         owned = self.owned()
@@ -156,7 +341,8 @@ class EventSource:
         """Stop fetching from every owned partition (the fetch loop keeps polling)."""
         owned = self.owned()
         self.consumer.pause(*owned)
-        self._paused_by_us = owned
+        # Stalled partitions stay paused when backpressure ends.
+        self._paused_by_us = owned - set(self.stalls)
         metrics.PARTITIONS_PAUSED.set(len(owned))
 
     def resume(self) -> None:
@@ -327,3 +513,8 @@ class EventSource:
         reasons = sorted(self.held.values())
         more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
         return f"stored positions do not fit the topic: {reasons[0]}{more}"
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."

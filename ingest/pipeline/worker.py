@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 import time
 from typing import Any
 
@@ -185,13 +186,27 @@ class Worker:
                     ssl=security.postgres_ssl(s),
                 )
             except Exception as exc:
-                self._note_failure(exc)
-                if await self._sleep_or_stop(backoff.next_delay()):
+                delay = backoff.next_delay()
+                if self._note_failure(exc) is Disposition.STANDING:
+                    delay = max(delay, STANDING_RETRY_MIN_S)
+                if await self._sleep_or_stop(delay):
                     return False
         self.health.database_ok = True
 
-        if not await ensure_topics(s, self.kafka_options, self.stopping):
-            return False
+        backoff.reset()
+        while True:
+            try:
+                if not await ensure_topics(s, self.kafka_options, self.stopping):
+                    return False
+                break
+            except KafkaError as exc:
+                # Unreachable broker: retried. A certificate that does not verify: standing.
+                cause = await security.kafka_tls_failure(s, self.kafka_options)
+                delay = backoff.next_delay()
+                if self._note_failure(cause or exc, "kafka") is Disposition.STANDING:
+                    delay = max(delay, STANDING_RETRY_MIN_S)
+                if await self._sleep_or_stop(delay):
+                    return False
         self._producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap_servers,
             acks="all",
@@ -267,6 +282,7 @@ class Worker:
             self.health.group_joined = src.joined
             await src.recheck_held()
             self.health.positions_mismatch = src.held_reason()
+            self.health.stalled = [stall.describe() for stall in src.stalls.values()]
             self._take_in(records)
             if self._batch.ready():
                 # One write in flight at a time: the next batch is fetched and decoded while
@@ -453,9 +469,9 @@ class Worker:
             kafka_commit_ms=round(commit_s * 1000, 1),
         )
 
-    def _note_failure(self, exc: BaseException) -> Disposition:
+    def _note_failure(self, exc: BaseException, target: str | None = None) -> Disposition:
         disposition = classify(exc)
-        target = "kafka" if isinstance(exc, KafkaError) else "database"
+        target = target or ("kafka" if isinstance(exc, KafkaError) else "database")
         metrics.RETRIES.labels(target).inc()
         if target == "database":
             metrics.DB_ERRORS.labels(sqlstate_class(exc)).inc()
@@ -469,6 +485,7 @@ class Worker:
                     "standing fault; consumption paused until it is fixed",
                     target=target,
                     error=_short(exc),
+                    **_hint(exc),
                 )
         else:
             self.health.not_ready_because = f"retrying after {type(exc).__name__}"
@@ -492,6 +509,16 @@ class Worker:
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 5)
+
+
+def _hint(exc: BaseException) -> dict[str, str]:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return {
+            "hint": "the server's TLS certificate is not signed by the configured CA "
+            "(sslrootcert / DATABASE_SSL_ROOT_CERT for PostgreSQL, KAFKA_SSL_CA_FILE for "
+            "Kafka) or does not name the host connected to"
+        }
+    return {}
 
 
 def _short(exc: BaseException) -> str:

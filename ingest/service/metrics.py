@@ -96,6 +96,15 @@ POSITION_MISMATCHES: Final = Counter(
 PARTITIONS_HELD: Final = Gauge(
     "ingest_partitions_held", "Partitions held because their stored position does not fit."
 )
+PARTITIONS_STALLED: Final = Gauge(
+    "ingest_partitions_stalled",
+    "Partitions stopped at a record batch that cannot be decoded (corrupt, or unknown codec).",
+)
+UNDECODABLE_BATCHES: Final = Counter(
+    "ingest_undecodable_batches",
+    "Record batches that could not be decoded; each stalls its partition.",
+    ["topic"],
+)
 BREAKER_OPEN: Final = Gauge(
     "ingest_dlq_breaker_open", "1 while the dead-letter circuit breaker stops consumption."
 )

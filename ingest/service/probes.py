@@ -29,6 +29,8 @@ class Health:
         self.group_joined = False
         self.breaker_open: str | None = None
         self.positions_mismatch: str | None = None
+        # Partitions stopped at a record batch that cannot be decoded, one line each.
+        self.stalled: list[str] = []
         self.not_ready_because: str | None = "starting"
 
     def beat(self) -> None:
@@ -42,13 +44,20 @@ class Health:
     def ready(self) -> tuple[bool, str]:
         """Ready when the database answers, the group is joined and nothing stops consumption."""
         if not self.database_ok:
-            return False, "database unreachable"
-        if not self.group_joined:
-            return False, "consumer has not joined its group"
+            # Say why when it is known (e.g. a standing fault: the certificate does not verify).
+            why = self.not_ready_because
+            return False, "database unreachable" + (f": {why}" if why and why != "starting" else "")
         if self.breaker_open is not None:
             return False, f"dead-letter breaker open: {self.breaker_open}"
         if self.positions_mismatch is not None:
             return False, self.positions_mismatch
+        if self.not_ready_because not in (None, "starting"):
+            # Before the group check: a broker the worker cannot reach is why it has not joined.
+            return False, str(self.not_ready_because)
+        if not self.group_joined:
+            return False, "consumer has not joined its group"
+        if self.stalled:
+            return False, "partition stalled, undecodable record batch: " + "; ".join(self.stalled)
         if self.not_ready_because is not None:
             return False, self.not_ready_because
         return True, "ready"

@@ -7,6 +7,8 @@ speaks PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (PLAIN, SCRAM-SHA-256, SCRAM-S
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 from typing import Any
 
@@ -47,3 +49,29 @@ def kafka_options(settings: Settings) -> dict[str, Any]:
         opts["sasl_plain_username"] = settings.kafka_sasl_username
         opts["sasl_plain_password"] = settings.kafka_sasl_password
     return opts
+
+
+async def kafka_tls_failure(
+    settings: Settings, options: dict[str, Any], timeout_s: float = 5.0
+) -> ssl.SSLCertVerificationError | None:
+    """Why a TLS bootstrap failed, when it is the broker's certificate: aiokafka logs the
+    handshake error and raises only "Unable to bootstrap", which reads like a network blip.
+    One handshake per bootstrap address, with the client's own SSL context."""
+    ctx = options.get("ssl_context")
+    if not isinstance(ctx, ssl.SSLContext):
+        return None
+    for address in settings.kafka_bootstrap_servers.split(","):
+        host, _, port = address.strip().rpartition(":")
+        host = host.strip("[]")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, int(port), ssl=ctx, server_hostname=host), timeout_s
+            )
+        except ssl.SSLCertVerificationError as exc:
+            return exc
+        except (OSError, TimeoutError, ValueError):
+            continue
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+    return None

@@ -54,9 +54,20 @@ def free_port() -> int:
 class TansuBroker:
     """One Tansu process on a free loopback port; ``bootstrap`` is its address."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        advertised: str | None = None,
+        storage: str = "memory://tansu/",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
+        # What metadata tells clients to connect to (e.g. a TLS proxy in front); default: itself.
+        self.advertised = advertised or self.bootstrap
+        # memory:// loses everything on stop; s3://bucket/ (with AWS_* in env) keeps it.
+        self.storage = storage
+        self.env = env
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 20.0) -> None:
@@ -64,21 +75,21 @@ class TansuBroker:
         binary = tansu_binary()
         if not os.access(binary, os.X_OK):
             binary.chmod(binary.stat().st_mode | 0o111)
-        url = f"tcp://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [
                 str(binary),
                 "broker",
                 "--listener-url",
-                url,
+                f"tcp://127.0.0.1:{self.port}",
                 "--advertised-listener-url",
-                url,
+                f"tcp://{self.advertised}",
                 "--storage-engine",
-                "memory://tansu/",
+                self.storage,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            env={**os.environ, **self.env} if self.env is not None else None,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -93,8 +104,15 @@ class TansuBroker:
         self.stop()
         raise BrokerUnavailable(f"tansu did not listen on {self.bootstrap} in {timeout_s}s")
 
+    def kill(self) -> None:
+        """Kill the broker at once (SIGKILL), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None
+
     def stop(self) -> None:
-        """Stop the broker (its data is gone)."""
+        """Stop the broker (with a memory store, its data is gone)."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:

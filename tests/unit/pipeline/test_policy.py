@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import ssl
 
 import asyncpg
 import pytest
@@ -226,3 +227,21 @@ def test_a_broken_or_ended_session_is_retried_as_transient(exc: BaseException) -
     assert is_retryable(exc)
     assert classify(exc) is Disposition.TRANSIENT
     assert sqlstate_class(exc) in ("connection", "08")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer",
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: IP address mismatch",
+    ],
+)
+def test_a_server_certificate_that_does_not_verify_is_standing(message: str) -> None:
+    exc = ssl.SSLCertVerificationError(1, message)
+
+    assert is_retryable(exc)
+    assert classify(exc) is Disposition.STANDING
+
+
+def test_other_tls_failures_stay_transient() -> None:
+    assert classify(ssl.SSLError(1, "[SSL: UNEXPECTED_EOF_WHILE_READING]")) is Disposition.TRANSIENT
