@@ -216,6 +216,11 @@ class Settings:
             raise ConfigError(
                 "KAFKA_HEARTBEAT_INTERVAL_MS must be lower than KAFKA_SESSION_TIMEOUT_MS"
             )
+        if s.retention != "off" and interval_seconds(s.retention) < _DAY:
+            raise ConfigError(
+                f"INGEST_RETENTION must be at least 1 day (the hourly aggregate refreshes "
+                f"half of it), got {s.retention!r}"
+            )
         if (
             s.retention != "off"
             and s.compress_after != "off"
@@ -318,6 +323,7 @@ _INTERVAL_UNITS = {
     "month": 30 * 86_400,
     "year": 360 * 86_400,
 }
+_DAY = _INTERVAL_UNITS["day"]
 _INTERVAL_PART = re.compile(r"(\d+)\s*(second|minute|hour|day|week|month|year)s?")
 _INTERVAL = re.compile(rf"^\s*{_INTERVAL_PART.pattern}(\s+{_INTERVAL_PART.pattern})*\s*$")
 

@@ -65,7 +65,7 @@ async def test_call_events_compress_by_time_with_bloom_filters_per_the_settings(
 ) -> None:
     conn = await asyncpg.connect(timescale_empty_url)
     try:
-        await Migrator(conn, discover(), compress_after="3 days", retention="90 days").up()
+        await Migrator(conn, discover(), compress_after="3 days", retention="40 days").up()
         settings = await conn.fetchrow(
             "SELECT segmentby, orderby, index::text FROM "
             "timescaledb_information.hypertable_columnstore_settings "
@@ -77,7 +77,52 @@ async def test_call_events_compress_by_time_with_bloom_filters_per_the_settings(
         assert '"bloom", "column": "id"' in settings["index"]
         jobs = await _jobs(conn)
         assert '"compress_after": "3 days"' in jobs["policy_compression"]
-        assert '"drop_after": "90 days"' in jobs["policy_retention"]
+        assert '"drop_after": "40 days"' in jobs["policy_retention"]
+        # The aggregate's refresh stays short of the retention: half of it, 30 days at most.
+        assert '"start_offset": "20 days"' in jobs["policy_refresh_continuous_aggregate"]
+    finally:
+        await conn.close()
+
+
+async def test_the_hourly_aggregate_keeps_hours_whose_chunks_retention_dropped(
+    timescale_empty_url: str,
+) -> None:
+    conn = await asyncpg.connect(timescale_empty_url)
+    try:
+        await Migrator(conn, discover(), retention="10 days").up()
+        call = await conn.fetchval(
+            "INSERT INTO calls (from_number, to_number, created_at) "
+            "VALUES ('+15550001', '+15550002', now() - interval '12 days') RETURNING id"
+        )
+        await conn.execute(
+            "INSERT INTO call_events (call_id, event_type, event_data, created_at) "
+            "SELECT $1, 'response', '{}', now() - g * interval '1 day' "
+            "FROM generate_series(2, 12) g",
+            call,
+        )
+        await conn.execute("CALL refresh_continuous_aggregate('call_events_hourly', NULL, NULL)")
+        jobs = {
+            r["proc_name"]: r["job_id"]
+            for r in await conn.fetch(
+                "SELECT proc_name, job_id FROM timescaledb_information.jobs "
+                "WHERE proc_name IN ('policy_retention', 'policy_refresh_continuous_aggregate')"
+            )
+        }
+        await conn.execute(f"CALL run_job({jobs['policy_retention']})")
+        await conn.execute(f"CALL run_job({jobs['policy_refresh_continuous_aggregate']})")
+        # A manual refresh of the policy's whole window (what the README suggests after
+        # late events) must not reach the dropped hours either.
+        window = await conn.fetchval(
+            "SELECT (config ->> 'start_offset')::interval FROM timescaledb_information.jobs "
+            "WHERE proc_name = 'policy_refresh_continuous_aggregate'"
+        )
+        await conn.execute(
+            "CALL refresh_continuous_aggregate('call_events_hourly', "
+            "now() - $1::interval, now() - interval '1 hour')",
+            window,
+        )
+        assert await conn.fetchval("SELECT count(*) FROM call_events") < 11
+        assert await conn.fetchval("SELECT sum(events) FROM call_events_hourly") == 11
     finally:
         await conn.close()
 

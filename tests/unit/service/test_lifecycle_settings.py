@@ -54,6 +54,11 @@ def test_retention_without_compression_may_be_short() -> None:
     assert load(INGEST_COMPRESS_AFTER="off", INGEST_RETENTION="1 day").retention == "1 day"
 
 
+def test_retention_is_at_least_a_day() -> None:
+    with pytest.raises(ConfigError, match="INGEST_RETENTION must be at least 1 day"):
+        load(INGEST_COMPRESS_AFTER="off", INGEST_RETENTION="23 hours")
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [
