@@ -11,7 +11,7 @@
 SELECT
     bucket AS hour,
     COALESCE(sum(events) FILTER (WHERE event_type = 'initiation'), 0)::bigint AS call_count,
-    round((sum(duration_s_sum) / NULLIF(sum(durations), 0))::numeric, 1)
+    round(max(avg_duration_s) FILTER (WHERE event_type = 'termination'), 1)
         AS avg_duration_seconds
 FROM call_events_hourly
 WHERE bucket > now() - INTERVAL '7 days 1 hour'
