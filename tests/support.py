@@ -222,7 +222,7 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout_s: float = 30.0, what: str = "condition"
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 60.0, what: str = "condition"
 ) -> None:
     """Poll ``check`` until it is true; fail with ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -241,7 +241,7 @@ async def stored_positions(db: asyncpg.Pool, group: str) -> dict[int, int]:
     return {r["partition"]: r["next_offset"] for r in rows}
 
 
-async def drained(db: asyncpg.Pool, t: Topics, pub: Published, timeout_s: float = 60.0) -> None:
+async def drained(db: asyncpg.Pool, t: Topics, pub: Published, timeout_s: float = 120.0) -> None:
     """Wait until the stored positions of ``t.group`` reach every published end offset."""
 
     async def done() -> bool:

@@ -32,6 +32,15 @@ class Disposition(enum.Enum):
     STANDING = "standing"
 
 
+# How a broken or ended session surfaces from asyncpg, besides a SQLSTATE (08xxx, 57P01):
+# a socket error, a timeout, an InterfaceError ("connection is closed"), or an
+# InternalClientError ("cannot switch to state 15; another operation is in progress") from
+# a connection whose exchange was cut short. With the connection discarded, a retry on a
+# fresh one cures each.
+_CONNECTION_ERRORS = (
+    OSError | asyncio.TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError
+)
+
 _STANDING_CLASSES = frozenset({"42", "3D", "28", "0A", "2B", "3F", "0L", "0P", "44"})
 _DATA_CLASSES = frozenset({"22", "23"})
 
@@ -47,7 +56,7 @@ def sqlstate_class(exc: BaseException) -> str:
     state = sqlstate_of(exc)
     if state is not None:
         return state[:2]
-    if isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
+    if isinstance(exc, _CONNECTION_ERRORS):
         return "connection"
     return "other"
 
@@ -75,14 +84,7 @@ def classify(exc: BaseException) -> Disposition:
 
 def is_retryable(exc: BaseException) -> bool:
     """Errors a retry may cure; anything else is a bug and is raised."""
-    return isinstance(
-        exc,
-        asyncpg.PostgresError
-        | asyncpg.InterfaceError
-        | OSError
-        | asyncio.TimeoutError
-        | KafkaError,
-    )
+    return isinstance(exc, asyncpg.PostgresError | KafkaError | _CONNECTION_ERRORS)
 
 
 @dataclass(slots=True)

@@ -17,14 +17,16 @@ Only after that commit may the Kafka offsets move on.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import asyncpg
+import structlog
 
 from ingest.pipeline.contract import CallEvent, RecordRef, Rejection
 from ingest.pipeline.deadletter import (
@@ -34,7 +36,10 @@ from ingest.pipeline.deadletter import (
     DeadLetter,
     DeadLetterPublisher,
 )
-from ingest.pipeline.policy import Disposition, classify, sqlstate_of
+from ingest.pipeline.policy import Disposition, classify, sqlstate_class, sqlstate_of
+from ingest.service import metrics
+
+log = structlog.get_logger("ingest.sink")
 
 TopicPartitionKey = tuple[str, int]
 REPLAN_EVERY_S = 5.0
@@ -158,14 +163,44 @@ class BatchWriter:
 
     async def ping(self) -> None:
         """Raise unless the database answers."""
-        async with self._pool.acquire() as conn:
+        async with self._session() as conn:
             await conn.fetchval("SELECT 1")
 
     async def load_positions(self) -> dict[TopicPartitionKey, int]:
         """The next offset to read per partition, as stored with the data."""
-        async with self._pool.acquire() as conn:
+        async with self._session() as conn:
             rows = await conn.fetch(_LOAD_POSITIONS, self._group)
         return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection that goes back to the pool only when its work succeeded.
+
+        A session PostgreSQL ended (failover, ``pg_terminate_backend``, an idle-session
+        killer, a pooler) or an operation cut short by a timeout leaves the connection in an
+        unknown protocol state; returning it to the pool runs a reset on it, which then fails
+        with anything from ``ConnectionDoesNotExistError`` to ``InternalClientError``. So on
+        any failure, cancellation included, the connection is terminated, never reset, and
+        the next acquire opens a fresh one. After success, a failing reset is not the
+        caller's failure: its work is done (a batch is committed), so it is logged only.
+        """
+        conn = await self._pool.acquire()
+        try:
+            yield conn
+        except BaseException:
+            conn.terminate()
+            metrics.DB_CONNECTIONS_DISCARDED.inc()
+            raise
+        try:
+            await self._pool.release(conn)
+        except Exception as exc:
+            # asyncpg has terminated the connection already; the pool replaces it.
+            metrics.DB_CONNECTIONS_DISCARDED.inc()
+            metrics.DB_ERRORS.labels(sqlstate_class(exc)).inc()
+            log.warning(
+                "discarded a connection whose reset failed after its work succeeded",
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
 
     async def write(self, items: Sequence[Item]) -> WriteResult:
         """Store a batch in one transaction; return only once it has committed.
@@ -176,7 +211,7 @@ class BatchWriter:
         result = WriteResult()
         if not items:
             return result
-        async with self._pool.acquire() as conn:
+        async with self._session() as conn:
             await self._refresh_plans(conn)
             async with conn.transaction():
                 result = await self._write_in(conn, items, result)

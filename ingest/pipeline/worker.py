@@ -230,6 +230,20 @@ class Worker:
                 "shutdown deadline passed before the batch in flight was stored; "
                 "the next owner reads it again"
             )
+        finally:
+            await self._abandon_write()
+
+    async def _abandon_write(self) -> None:
+        """End a write still in flight at shutdown: cancelled, its transaction rolls back
+        with its discarded connection; its outcome is retrieved here, so that asyncio does
+        not report it as "Task exception was never retrieved"."""
+        task, self._in_flight = self._in_flight, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait({task})
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.info("write in flight ended at shutdown", error=_short(exc))
 
     async def _consume_until_stopped(self) -> None:
         src = self._source

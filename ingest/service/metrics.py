@@ -77,6 +77,10 @@ DB_POOL_CONNECTIONS: Final = Gauge(
 DB_ERRORS: Final = Counter(
     "ingest_db_errors", "Database errors by SQLSTATE class.", ["sqlstate_class"]
 )
+DB_CONNECTIONS_DISCARDED: Final = Counter(
+    "ingest_db_connections_discarded",
+    "Pool connections terminated instead of reused: their session failed or was ended.",
+)
 RETRIES: Final = Counter("ingest_retries", "Retried operations by target.", ["target"])
 OFFSET_RESETS: Final = Counter(
     "ingest_offset_resets",

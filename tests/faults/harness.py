@@ -56,7 +56,7 @@ async def assert_reconciled(db: asyncpg.Pool, t: Topics, pub: Published, calls: 
     return rec
 
 
-async def until_waiting_on_lock(db: asyncpg.Pool, query_like: str, timeout_s: float = 20) -> None:
+async def until_waiting_on_lock(db: asyncpg.Pool, query_like: str, timeout_s: float = 60) -> None:
     """Wait until a session of the worker waits on a lock in a statement like ``query_like``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

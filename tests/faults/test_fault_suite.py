@@ -1,4 +1,4 @@
-"""The rest of the fault suite: database outages and killed sessions, a frozen broker,
+"""The rest of the fault suite: database outages, a frozen broker,
 rebalances, database-only rejections, producer duplicates, a poison flood, a slow
 database, and a chaos soak. Every test ends with the shared reconciliation."""
 
@@ -48,30 +48,6 @@ def _readyz(port: int) -> int:
         return http_get_blocking(port, "/readyz")[0]
     except OSError:
         return 0
-
-
-async def test_worker_sessions_terminated_mid_batch_lose_nothing(
-    database_url, db, topics, tmp_path: Path
-):
-    records, calls = corpus(300, 0.01, seed=21)
-    env = worker_env(database_url, topics, INGEST_BATCH_MAX_EVENTS="50")
-    worker = WorkerProcess(env, tmp_path / "w.log").start()
-    killed = 0
-    try:
-        producer = asyncio.create_task(publish_slowly(topics, records, chunks=15, pause_s=0.3))
-        while not producer.done():
-            killed += await db.fetchval(
-                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'ingest' AND datname = current_database()) t"
-            )
-            await asyncio.sleep(0.4)
-        pub = await producer
-        await drained(db, topics, pub, timeout_s=60)
-        assert worker.alive()
-    finally:
-        worker.stop()
-    assert killed > 0
-    await assert_reconciled(db, topics, pub, calls)
 
 
 async def test_postgresql_down_for_30s_makes_the_worker_unready_then_it_recovers(

@@ -208,3 +208,21 @@ def test_backoff_reset_starts_over() -> None:
 
     assert b.attempt == 0
     assert b.next_delay() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        # What a session PostgreSQL ended looks like from asyncpg, besides a SQLSTATE.
+        pg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"),
+        pg.InterfaceError("cannot perform operation: connection is closed"),
+        pg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        TimeoutError(),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_broken_or_ended_session_is_retried_as_transient(exc: BaseException) -> None:
+    assert is_retryable(exc)
+    assert classify(exc) is Disposition.TRANSIENT
+    assert sqlstate_class(exc) in ("connection", "08")
