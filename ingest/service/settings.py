@@ -217,10 +217,8 @@ class Settings:
                 "KAFKA_HEARTBEAT_INTERVAL_MS must be lower than KAFKA_SESSION_TIMEOUT_MS"
             )
         if s.retention != "off" and interval_seconds(s.retention) < _DAY:
-            raise ConfigError(
-                f"INGEST_RETENTION must be at least 1 day (the hourly aggregate refreshes "
-                f"half of it), got {s.retention!r}"
-            )
+            # The hourly aggregate's refresh looks back half the retention: at least 12 hours.
+            raise ConfigError(f"INGEST_RETENTION must be at least 1 day, got {s.retention!r}")
         if (
             s.retention != "off"
             and s.compress_after != "off"
