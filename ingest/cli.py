@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import orjson
@@ -18,6 +19,9 @@ import orjson
 from ingest import __version__
 from ingest.pipeline.deadletter import REASONS
 from ingest.service.settings import ConfigError, Settings, redact_url
+
+if TYPE_CHECKING:
+    from ingest.tools.migrate import Status
 
 EXIT_CONFIG = 2
 
@@ -258,7 +262,12 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     conn = await _connect(settings)
     try:
         migrator = migrate.Migrator(
-            conn, migrate.discover(), settings.chunk_interval, settings.readonly_password
+            conn,
+            migrate.discover(),
+            settings.chunk_interval,
+            settings.readonly_password,
+            compress_after=settings.compress_after,
+            retention=settings.retention,
         )
         if args.verb == "up":
             done = await migrator.up(args.to)
@@ -280,12 +289,35 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
                 f"timescaledb: {'installed' if st.timescaledb else 'not installed'}; "
                 f"call_events: {'hypertable' if st.hypertable else 'plain table'}"
             )
+            for line in _lifecycle_lines(st):
+                print(line)
     except (migrate.MigrationError, asyncpg.PostgresError) as exc:
         print(f"ingest: migrate {args.verb} failed: {exc}", file=sys.stderr)
         return 1
     finally:
         await conn.close()
     return 0
+
+
+def _lifecycle_lines(st: Status) -> list[str]:
+    """The lifecycle part of ``migrate status``: policies, chunks, aggregates."""
+    life = st.lifecycle
+    lines = []
+    if st.hypertable:
+        lines.append(
+            f"compression: {'after ' + life.compress_after if life.compress_after else 'no policy'}"
+            f" ({life.compressed_chunks} of {life.chunks} chunks compressed); "
+            f"retention: {'drop after ' + life.retention if life.retention else 'off'}"
+        )
+    for a in life.aggregates:
+        if a.continuous:
+            kind = "continuous aggregate"
+            kind += f", refreshed every {a.refresh_every}" if a.refresh_every else ", no refresh"
+            kind += ", real-time" if a.real_time else ""
+        else:
+            kind = "view"
+        lines.append(f"aggregate: {a.name} ({kind})")
+    return lines
 
 
 async def _report(settings: Settings) -> int:

@@ -3,6 +3,7 @@ broker (Tansu on a free port, or ``KAFKA_BOOTSTRAP_SERVERS``), fresh topics per 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -76,3 +77,77 @@ async def topics(kafka: str) -> Topics:
     t = Topics.fresh(kafka)
     await create_topics(kafka, {t.source: 4, t.dlq: 1})
     return t
+
+
+# ------------------------------------------------------------------------- TimescaleDB
+
+# A TimescaleDB server for the tests that need one: TIMESCALEDB_URL, else a local one on 5433.
+TIMESCALEDB_URL = os.environ.get("TIMESCALEDB_URL", "postgresql://postgres@127.0.0.1:5433/postgres")
+
+
+async def _timescaledb_admin() -> asyncpg.Connection:
+    """A connection to the TimescaleDB server, or skip the test saying why there is none."""
+    from ingest.service.settings import redact_url
+
+    where = redact_url(TIMESCALEDB_URL)
+    try:
+        admin = await asyncpg.connect(TIMESCALEDB_URL, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        pytest.skip(f"no TimescaleDB reachable at {where} (set TIMESCALEDB_URL): {exc}")
+    loadable = await admin.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') "
+        "AND current_setting('shared_preload_libraries') ILIKE '%timescaledb%'"
+    )
+    if not loadable:
+        await admin.close()
+        pytest.skip(f"the server at {where} has no preloaded timescaledb extension")
+    return admin
+
+
+async def _timescale_database() -> str:
+    name = f"ingest_tsdb_{uuid.uuid4().hex[:10]}"
+    admin = await _timescaledb_admin()
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return _with_db(TIMESCALEDB_URL, name)
+
+
+async def _drop_timescale_database(url: str) -> None:
+    admin = await asyncpg.connect(TIMESCALEDB_URL)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{urlsplit(url).path[1:]}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def _timescale_drops() -> AsyncIterator[list[asyncio.Task[None]]]:
+    """Drops of throwaway TimescaleDB databases, run while later tests go on (a drop takes
+    seconds on a busy server) and awaited at the end of the session."""
+    drops: list[asyncio.Task[None]] = []
+    yield drops
+    await asyncio.gather(*drops)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def timescale_empty_url(_timescale_drops: list[asyncio.Task[None]]) -> AsyncIterator[str]:
+    """A throwaway empty database on the TimescaleDB server, dropped after the test."""
+    url = await _timescale_database()
+    yield url
+    _timescale_drops.append(asyncio.create_task(_drop_timescale_database(url)))
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def timescale_url() -> AsyncIterator[str]:
+    """A database on the TimescaleDB server with every migration applied (default
+    settings), shared by the session like ``database_url``: tests use their own calls."""
+    url = await _timescale_database()
+    conn = await asyncpg.connect(url)
+    try:
+        await Migrator(conn, discover()).up()
+    finally:
+        await conn.close()
+    yield url
+    await _drop_timescale_database(url)

@@ -7,6 +7,7 @@ Every variable is listed in the README. A wrong or missing value raises
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,8 @@ class Settings:
     breaker_max_consecutive: int = 1_000
     breaker_cooldown_s: float = 300.0
     chunk_interval: str = "1 day"
+    compress_after: str = "7 days"
+    retention: str = "off"
     readonly_password: str | None = field(default=None, repr=False)
     log_level: str = "info"
 
@@ -190,6 +193,8 @@ class Settings:
                 "INGEST_DLQ_BREAKER_COOLDOWN_S", _float(0, 86_400), "breaker_cooldown_s"
             ),
             chunk_interval=get("INGEST_CHUNK_INTERVAL", _text, "chunk_interval"),
+            compress_after=get("INGEST_COMPRESS_AFTER", _interval_or_off, "compress_after"),
+            retention=get("INGEST_RETENTION", _interval_or_off, "retention"),
             readonly_password=get("INGEST_READONLY_PASSWORD", _text, "readonly_password"),
             log_level=get("LOG_LEVEL", _log_level, "log_level"),
         )
@@ -210,6 +215,18 @@ class Settings:
         if s.kafka_heartbeat_interval_ms >= s.kafka_session_timeout_ms:
             raise ConfigError(
                 "KAFKA_HEARTBEAT_INTERVAL_MS must be lower than KAFKA_SESSION_TIMEOUT_MS"
+            )
+        if s.retention != "off" and interval_seconds(s.retention) < _DAY:
+            # The hourly aggregate's refresh looks back half the retention: at least 12 hours.
+            raise ConfigError(f"INGEST_RETENTION must be at least 1 day, got {s.retention!r}")
+        if (
+            s.retention != "off"
+            and s.compress_after != "off"
+            and interval_seconds(s.retention) <= interval_seconds(s.compress_after)
+        ):
+            raise ConfigError(
+                f"INGEST_RETENTION ({s.retention}) must be longer than "
+                f"INGEST_COMPRESS_AFTER ({s.compress_after}), or 'off'"
             )
         if s.kafka_dlq_topic in s.kafka_topics:
             raise ConfigError("KAFKA_DLQ_TOPIC must not be one of KAFKA_TOPICS")
@@ -291,6 +308,49 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, str], str]:
 def _file(name: str, raw: str) -> str:
     if not Path(raw).is_file():
         raise ConfigError(f"{name}: no such file {raw!r}")
+    return raw
+
+
+# Seconds per unit as PostgreSQL compares intervals (a month is 30 days, a year 12 months).
+_INTERVAL_UNITS = {
+    "second": 1,
+    "minute": 60,
+    "hour": 3_600,
+    "day": 86_400,
+    "week": 7 * 86_400,
+    "month": 30 * 86_400,
+    "year": 360 * 86_400,
+}
+_DAY = _INTERVAL_UNITS["day"]
+_INTERVAL_PART = re.compile(r"(\d+)\s*(second|minute|hour|day|week|month|year)s?")
+_INTERVAL = re.compile(rf"^\s*{_INTERVAL_PART.pattern}(\s+{_INTERVAL_PART.pattern})*\s*$")
+
+
+def interval_seconds(text: str) -> int:
+    """Length of an interval such as ``7 days`` or ``1 month 2 weeks``; ValueError otherwise.
+
+    Only this small subset of PostgreSQL's interval syntax is accepted, so that what passes
+    here is a valid, positive interval there too.
+    """
+    low = text.lower()
+    if not _INTERVAL.match(low):
+        raise ValueError(text)
+    total = sum(int(n) * _INTERVAL_UNITS[unit] for n, unit in _INTERVAL_PART.findall(low))
+    if total <= 0:
+        raise ValueError(text)
+    return total
+
+
+def _interval_or_off(name: str, raw: str) -> str:
+    if raw.lower() == "off":
+        return "off"
+    try:
+        interval_seconds(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{name} must be 'off' or a positive interval such as '7 days' or '12 hours', "
+            f"got {raw!r}"
+        ) from None
     return raw
 
 

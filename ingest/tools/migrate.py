@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Final
@@ -22,6 +22,34 @@ ADVISORY_LOCK_KEY: Final = 0x1D6E57_4D16
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _UP = "-- migrate:up"
 _DOWN = "-- migrate:down"
+
+# Catalog reads only: cheap however much data call_events holds.
+_POLICIES = """
+SELECT proc_name, config ->> 'compress_after' AS compress_after,
+       config ->> 'drop_after' AS drop_after
+FROM timescaledb_information.jobs
+WHERE hypertable_schema = current_schema() AND hypertable_name = 'call_events'
+  AND proc_name IN ('policy_compression', 'policy_retention')
+"""
+_CHUNKS = """
+SELECT count(*) AS chunks, count(*) FILTER (WHERE is_compressed) AS compressed
+FROM timescaledb_information.chunks
+WHERE hypertable_schema = current_schema() AND hypertable_name = 'call_events'
+"""
+_CONTINUOUS_AGGREGATES = """
+SELECT a.view_name, NOT a.materialized_only AS real_time, j.schedule_interval::text AS every
+FROM timescaledb_information.continuous_aggregates a
+LEFT JOIN timescaledb_information.jobs j
+       ON j.proc_name = 'policy_refresh_continuous_aggregate'
+      AND j.hypertable_schema = a.view_schema
+      AND j.hypertable_name = a.view_name
+WHERE a.view_schema = current_schema() AND a.hypertable_name = 'call_events'
+ORDER BY a.view_name
+"""
+_VIEWS = """
+SELECT viewname FROM pg_views
+WHERE schemaname = current_schema() AND viewname = 'call_events_hourly'
+"""
 
 _CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS ingest_schema_migrations (
@@ -59,12 +87,34 @@ class MigrationState:
 
 
 @dataclass(frozen=True, slots=True)
+class Aggregate:
+    """One relation the analytics read: a continuous aggregate or (plain PostgreSQL) a view."""
+
+    name: str
+    continuous: bool
+    real_time: bool = False
+    refresh_every: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    """The data lifecycle of call_events as configured in the database (see 0004)."""
+
+    compress_after: str | None = None
+    retention: str | None = None
+    chunks: int = 0
+    compressed_chunks: int = 0
+    aggregates: list[Aggregate] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     """What ``migrate status`` reports."""
 
     migrations: list[MigrationState]
     timescaledb: bool
     hypertable: bool
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
 
 def schema_dir() -> Path:
@@ -113,11 +163,16 @@ class Migrator:
         migrations: list[Migration],
         chunk_interval: str = "1 day",
         readonly_password: str | None = None,
+        *,
+        compress_after: str = "7 days",
+        retention: str = "off",
     ) -> None:
         self._conn = conn
         self._migrations = migrations
         self._chunk_interval = chunk_interval
         self._readonly_password = readonly_password
+        self._compress_after = compress_after
+        self._retention = retention
 
     async def _applied(self) -> dict[str, tuple[str, datetime]]:
         await self._conn.execute(_CREATE_TABLE)
@@ -147,9 +202,13 @@ class Migrator:
                     # Settings reach the SQL as transaction-local parameters, never as literals.
                     await self._conn.execute(
                         "SELECT set_config('ingest.chunk_interval', $1, true), "
-                        "set_config('ingest.readonly_password', $2, true)",
+                        "set_config('ingest.readonly_password', $2, true), "
+                        "set_config('ingest.compress_after', $3, true), "
+                        "set_config('ingest.retention', $4, true)",
                         self._chunk_interval,
                         self._readonly_password or "",
+                        self._compress_after,
+                        self._retention,
                     )
                     await self._conn.execute(m.up)
                     await self._conn.execute(
@@ -210,7 +269,33 @@ class Migrator:
                     "WHERE hypertable_name = 'call_events')"
                 )
             )
-        return Status(states, tsdb, hyper)
+        lifecycle = await self._lifecycle() if hyper else await self._views()
+        return Status(states, tsdb, hyper, lifecycle)
+
+    async def _lifecycle(self) -> Lifecycle:
+        policies = await self._conn.fetch(_POLICIES)
+        chunks = await self._conn.fetchrow(_CHUNKS)
+        aggregates = await self._conn.fetch(_CONTINUOUS_AGGREGATES)
+        return Lifecycle(
+            compress_after=next(
+                (p["compress_after"] for p in policies if p["proc_name"] == "policy_compression"),
+                None,
+            ),
+            retention=next(
+                (p["drop_after"] for p in policies if p["proc_name"] == "policy_retention"), None
+            ),
+            chunks=chunks["chunks"] if chunks else 0,
+            compressed_chunks=chunks["compressed"] if chunks else 0,
+            aggregates=[
+                Aggregate(a["view_name"], True, bool(a["real_time"]), a["every"])
+                for a in aggregates
+            ],
+        )
+
+    async def _views(self) -> Lifecycle:
+        return Lifecycle(
+            aggregates=[Aggregate(r["viewname"], False) for r in await self._conn.fetch(_VIEWS)]
+        )
 
 
 def create(name: str, directory: Path | None = None) -> Path:

@@ -159,6 +159,8 @@ def test_cli_migrate_status_says_what_is_applied(database_url: str):
         ({"INGEST_BATCH_MAX_EVENTS": "lots"}, "INGEST_BATCH_MAX_EVENTS"),
         ({"DATABASE_POOL_MAX": "0"}, "DATABASE_POOL_MAX"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+        ({"INGEST_COMPRESS_AFTER": "soon"}, "INGEST_COMPRESS_AFTER"),
+        ({"INGEST_RETENTION": "forever"}, "INGEST_RETENTION"),
     ],
 )
 def test_bad_configuration_prints_one_line_naming_the_variable_and_exits_2(env, variable):

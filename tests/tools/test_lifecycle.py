@@ -1,0 +1,214 @@
+"""The lifecycle migration (0004): compression, retention and the hourly aggregate on
+TimescaleDB; the same aggregate as a plain view on PostgreSQL; all of it undone by down."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from ingest.tools.migrate import Migrator, discover
+from tests.conftest import TEST_DATABASE_URL, _with_db
+
+LIFECYCLE = "0004"
+
+_JOBS = """
+SELECT proc_name, config FROM timescaledb_information.jobs
+WHERE hypertable_name IN ('call_events', 'call_events_hourly')
+"""
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def postgres_empty_url() -> AsyncIterator[str]:
+    """A throwaway empty database on the plain PostgreSQL test server."""
+    name = f"ingest_life_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(TEST_DATABASE_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    yield _with_db(TEST_DATABASE_URL, name)
+    admin = await asyncpg.connect(TEST_DATABASE_URL)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+async def _jobs(conn: asyncpg.Connection) -> dict[str, str]:
+    return {r["proc_name"]: r["config"] for r in await conn.fetch(_JOBS)}
+
+
+async def _old_compressed_events(conn: asyncpg.Connection, n: int) -> None:
+    """n events of one call 30 days ago, in a chunk that is then compressed."""
+    call = await conn.fetchval(
+        "INSERT INTO calls (from_number, to_number, created_at) "
+        "VALUES ('+15550001', '+15550002', now() - interval '30 days') RETURNING id"
+    )
+    await conn.execute(
+        "INSERT INTO call_events (call_id, event_type, event_data, created_at) "
+        "SELECT $1, 'response', '{}', now() - interval '30 days' + g * interval '1 second' "
+        "FROM generate_series(1, $2) g",
+        call,
+        n,
+    )
+    await conn.execute(
+        "SELECT compress_chunk(c) FROM show_chunks('call_events', older_than => now() - "
+        "interval '7 days') c"
+    )
+
+
+async def test_call_events_compress_by_time_with_bloom_filters_per_the_settings(
+    timescale_empty_url: str,
+) -> None:
+    conn = await asyncpg.connect(timescale_empty_url)
+    try:
+        await Migrator(conn, discover(), compress_after="3 days", retention="40 days").up()
+        settings = await conn.fetchrow(
+            "SELECT segmentby, orderby, index::text FROM "
+            "timescaledb_information.hypertable_columnstore_settings "
+            "WHERE hypertable = 'call_events'::regclass"
+        )
+        assert settings["segmentby"] in (None, "")
+        assert settings["orderby"] == "created_at DESC"
+        assert '"bloom", "column": "call_id"' in settings["index"]
+        assert '"bloom", "column": "id"' in settings["index"]
+        jobs = await _jobs(conn)
+        assert '"compress_after": "3 days"' in jobs["policy_compression"]
+        assert '"drop_after": "40 days"' in jobs["policy_retention"]
+        # The aggregate's refresh stays short of the retention: half of it, 30 days at most.
+        assert '"start_offset": "20 days"' in jobs["policy_refresh_continuous_aggregate"]
+    finally:
+        await conn.close()
+
+
+async def test_the_hourly_aggregate_keeps_hours_whose_chunks_retention_dropped(
+    timescale_empty_url: str,
+) -> None:
+    conn = await asyncpg.connect(timescale_empty_url)
+    try:
+        await Migrator(conn, discover(), retention="10 days").up()
+        call = await conn.fetchval(
+            "INSERT INTO calls (from_number, to_number, created_at) "
+            "VALUES ('+15550001', '+15550002', now() - interval '12 days') RETURNING id"
+        )
+        await conn.execute(
+            "INSERT INTO call_events (call_id, event_type, event_data, created_at) "
+            "SELECT $1, 'response', '{}', now() - g * interval '1 day' "
+            "FROM generate_series(2, 12) g",
+            call,
+        )
+        await conn.execute("CALL refresh_continuous_aggregate('call_events_hourly', NULL, NULL)")
+        jobs = {
+            r["proc_name"]: r["job_id"]
+            for r in await conn.fetch(
+                "SELECT proc_name, job_id FROM timescaledb_information.jobs "
+                "WHERE proc_name IN ('policy_retention', 'policy_refresh_continuous_aggregate')"
+            )
+        }
+        await conn.execute(f"CALL run_job({jobs['policy_retention']})")
+        await conn.execute(f"CALL run_job({jobs['policy_refresh_continuous_aggregate']})")
+        # A manual refresh of the policy's whole window (what the README suggests after
+        # late events) must not reach the dropped hours either.
+        window = await conn.fetchval(
+            "SELECT (config ->> 'start_offset')::interval FROM timescaledb_information.jobs "
+            "WHERE proc_name = 'policy_refresh_continuous_aggregate'"
+        )
+        await conn.execute(
+            "CALL refresh_continuous_aggregate('call_events_hourly', "
+            "now() - $1::interval, now() - interval '1 hour')",
+            window,
+        )
+        assert await conn.fetchval("SELECT count(*) FROM call_events") < 11
+        assert await conn.fetchval("SELECT sum(events) FROM call_events_hourly") == 11
+    finally:
+        await conn.close()
+
+
+async def test_hourly_aggregate_is_continuous_real_time_and_refreshed_by_a_policy(
+    timescale_url: str,
+) -> None:
+    conn = await asyncpg.connect(timescale_url)
+    try:
+        cagg = await conn.fetchrow(
+            "SELECT materialized_only FROM timescaledb_information.continuous_aggregates "
+            "WHERE view_name = 'call_events_hourly'"
+        )
+        assert cagg is not None
+        assert cagg["materialized_only"] is False
+        refresh = (await _jobs(conn))["policy_refresh_continuous_aggregate"]
+        assert '"end_offset": "01:00:00"' in refresh
+        assert '"start_offset": "30 days"' in refresh
+    finally:
+        await conn.close()
+
+
+async def test_down_removes_policies_aggregate_and_compression_and_keeps_the_events(
+    timescale_empty_url: str,
+) -> None:
+    conn = await asyncpg.connect(timescale_empty_url)
+    try:
+        await Migrator(conn, discover()).up()
+        await _old_compressed_events(conn, 50)
+        undone = await Migrator(conn, discover()).down(steps=1)
+        assert [m.version for m in undone] == [LIFECYCLE]
+        assert await _jobs(conn) == {}
+        assert await conn.fetchval("SELECT to_regclass('call_events_hourly')") is None
+        assert not await conn.fetchval(
+            "SELECT compression_enabled FROM timescaledb_information.hypertables "
+            "WHERE hypertable_name = 'call_events'"
+        )
+        assert await conn.fetchval("SELECT count(*) FROM call_events") == 50
+        # ... and up again restores all of it.
+        await Migrator(conn, discover()).up()
+        assert set(await _jobs(conn)) == {
+            "policy_compression",
+            "policy_refresh_continuous_aggregate",
+        }
+    finally:
+        await conn.close()
+
+
+def test_cli_status_shows_the_lifecycle(timescale_url: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ingest", "migrate", "status"],
+        env={**os.environ, "DATABASE_URL": timescale_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "compression: after 7 days (0 of 0 chunks compressed); retention: off" in out
+    assert (
+        "aggregate: call_events_hourly (continuous aggregate, refreshed every 00:15:00, "
+        "real-time)" in out
+    )
+
+
+async def test_on_plain_postgresql_the_hourly_aggregate_is_a_view_down_removes(
+    postgres_empty_url: str,
+) -> None:
+    conn = await asyncpg.connect(postgres_empty_url)
+    try:
+        if await conn.fetchval(
+            "SELECT count(*) > 0 FROM pg_extension WHERE extname = 'timescaledb' "
+            "OR current_setting('shared_preload_libraries') ILIKE '%timescaledb%'"
+        ):
+            pytest.skip("the PostgreSQL test server has timescaledb")
+        m = Migrator(conn, discover())
+        await m.up()
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_views WHERE viewname = 'call_events_hourly'"
+            )
+            == 1
+        )
+        st = await m.status()
+        assert [a.name for a in st.lifecycle.aggregates] == ["call_events_hourly"]
+        await m.down(steps=1)
+        assert await conn.fetchval("SELECT to_regclass('call_events_hourly')") is None
+        assert await conn.fetchval("SELECT to_regclass('idx_call_events_hour')") is None
+    finally:
+        await conn.close()
