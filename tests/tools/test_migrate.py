@@ -191,11 +191,11 @@ async def _timescaledb_loadable(conn: asyncpg.Connection) -> bool:
 
 
 @pytest.mark.timescaledb
-async def test_call_events_becomes_a_hypertable_with_the_configured_chunk_interval(empty_db):
-    conn = await asyncpg.connect(empty_db)
+async def test_call_events_becomes_a_hypertable_with_the_configured_chunk_interval(
+    timescale_empty_url: str,
+):
+    conn = await asyncpg.connect(timescale_empty_url)
     try:
-        if not await _timescaledb_loadable(conn):
-            pytest.skip("the timescaledb extension is not available on the test server")
         await Migrator(conn, discover(), chunk_interval="6 hours").up()
         interval = await conn.fetchval(
             "SELECT time_interval FROM timescaledb_information.dimensions "
