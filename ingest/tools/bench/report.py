@@ -149,13 +149,13 @@ def _server_rows(srv: Server, read_eps: float) -> list[Row]:
                 f"generation took {h.generated_s:.0f} s"
             )
         rows.append((f"  {st.name}", "", note))
-        rows.append(("    database ceiling", f"{st.ceiling_eps:,.0f} ev/s", "same-work, other ids"))
-        for d in st.drains:
-            rows += _drain_row(d, st, empty, read_eps)
         for q in st.queries:
             value = f"{q.median_ms:,.1f} ms" if q.median_ms is not None else "failed"
             detail = q.error or f"median of {len(q.runs_ms)} runs"
             rows.append((f"    query {q.file}", value, detail))
+        rows.append(("    database ceiling", f"{st.ceiling_eps:,.0f} ev/s", "same-work, other ids"))
+        for d in st.drains:
+            rows += _drain_row(d, st, empty, read_eps)
         if "compressed" in st.name and srv.compression is not None:
             c = srv.compression
             rows.append(
@@ -193,6 +193,9 @@ def table(r: Result) -> str:
     for srv in r.servers:
         rows += _server_rows(srv, r.read_ceiling_eps)
     rows += [("skipped", reason, "") for reason in r.skipped]
-    w0 = max(len(a) for a, _, _ in rows)
+    # Headings (no value) run into the columns rather than widen them.
+    w0 = max(len(a) for a, b, _ in rows if b)
     w1 = max(len(b) for _, b, _ in rows)
-    return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip() for a, b, c in rows)
+    return "\n".join(
+        f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip() if b else f"{a}  {c}".rstrip() for a, b, c in rows
+    )
