@@ -68,9 +68,11 @@ from ingest.tools.bench.report import (
 from ingest.tools.devbroker import LOCAL_ADMIN_URL, broker_or_env
 from ingest.tools.migrate import schema_dir
 
+_STARTED = time.monotonic()
+
 
 def _say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+    print(f"[bench {time.monotonic() - _STARTED:5.0f}s] {msg}", file=sys.stderr, flush=True)
 
 
 async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
@@ -133,7 +135,7 @@ async def _server(
     try:
         empty = State("empty tables")
         srv.states.append(empty)
-        await _measure(args, corpus, Target(url), empty, processes=(1, 2), queries=False)
+        await _measure(args, corpus, Target(url), empty, args.processes, queries=False)
         if steady_load and args.steady_seconds > 0:
             _say(f"steady load {args.steady_rate:,.0f} ev/s for {args.steady_seconds:.0f} s")
             rate, p50, p95, p99 = await steady(
@@ -224,6 +226,16 @@ async def _measure(
     await clean(target)
 
 
+def _process_counts(raw: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in raw.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("a comma-separated list of counts, e.g. 1,2") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("counts of at least 1")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     """``ingest bench``."""
     p = argparse.ArgumentParser(prog="ingest bench", description=__doc__.split("\n")[0])
@@ -248,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="directory of query files to time (default: schema/queries)",
+    )
+    p.add_argument(
+        "--processes",
+        type=_process_counts,
+        default=(1, 2),
+        help="worker processes per drain on empty tables, comma-separated (default 1,2)",
     )
     p.add_argument("--query-runs", type=int, default=5, help="runs per query file (median)")
     p.add_argument(
