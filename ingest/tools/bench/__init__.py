@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import asyncpg
 import orjson
 
 from ingest.tools.bench.ceilings import database_ceiling, read_ceiling
@@ -107,7 +108,14 @@ async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
     r.read_ceiling_eps = await read_ceiling(bootstrap, topic, args.events)
     corpus = Corpus(bootstrap, topic, ends)
     for i, (server_url, db_url) in enumerate(servers):
-        r.servers.append(await _server(args, corpus, server_url, db_url, steady_load=i == 0))
+        srv = Server(*await server_version(server_url))
+        r.servers.append(srv)
+        try:
+            await _server(args, corpus, srv, server_url, db_url, steady_load=i == 0)
+        except (OSError, asyncpg.PostgresError) as exc:
+            # The rows measured so far are kept; the reason goes with them.
+            r.skipped.append(f"{srv.name}: the rest failed: {type(exc).__name__}: {exc}")
+            _say(r.skipped[-1])
     return r
 
 
@@ -123,14 +131,13 @@ class Corpus:
 async def _server(
     args: argparse.Namespace,
     corpus: Corpus,
+    srv: Server,
     server_url: str,
     db_url: str | None,
     steady_load: bool,
-) -> Server:
+) -> None:
     """Empty tables, then history (plain, then compressed on TimescaleDB), on one server."""
-    name, version = await server_version(server_url)
-    srv = Server(name, version)
-    _say(f"{name} {version}")
+    _say(f"{srv.name} {srv.version}")
     url, created = await bench_database(db_url, server_url)
     try:
         empty = State("empty tables")
@@ -147,7 +154,6 @@ async def _server(
             await drop_database(server_url, url)
     if args.history_days > 0:
         await _history(args, corpus, server_url, srv)
-    return srv
 
 
 async def _history(args: argparse.Namespace, corpus: Corpus, server_url: str, srv: Server) -> None:
