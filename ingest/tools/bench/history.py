@@ -296,7 +296,11 @@ async def _refresh_aggregates(conn: asyncpg.Connection, until: datetime) -> None
         "FROM timescaledb_information.continuous_aggregates"
     )
     for r in names:
-        await conn.execute(f"CALL refresh_continuous_aggregate('{r['name']}', NULL, $1)", until)
+        # The window's parameters are "any": name their type.
+        await conn.execute(
+            f"CALL refresh_continuous_aggregate('{r['name']}', NULL::timestamptz, $1::timestamptz)",
+            until,
+        )
 
 
 async def remove_corpus(url: str, start: datetime) -> None:
