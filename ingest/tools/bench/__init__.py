@@ -12,8 +12,8 @@ measured side by side in one run on the same broker, on PostgreSQL and on Timesc
    corpus (generated server-side, kept between runs): the shipped queries
    (schema/queries/*.sql, median of several runs), the ceiling, one worker; on TimescaleDB
    also with the chunks older than 7 days compressed, and the compression figures;
-4. on PostgreSQL, the worker at a fixed offered load, with freshness (commit time minus
-   event time);
+4. on the first server (PostgreSQL), the worker at a fixed offered load, with freshness
+   (commit time minus event time);
 5. one table and a JSON file with the machine's description.
 
 After every run that writes, the benchmark checks that each event of the corpus is stored
@@ -80,12 +80,10 @@ async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
     """Every measurement in order; prints progress to stderr."""
     r = Result(events=args.events, batch=args.batch)
     r.machine = await machine(broker)
-    servers: list[tuple[str, str | None]] = [
-        (
-            os.environ.get("BENCH_DATABASE_URL") or LOCAL_ADMIN_URL,
-            os.environ.get("BENCH_DATABASE_URL"),
-        )
-    ]
+    servers: list[tuple[str, str | None]] = []
+    if not args.timescaledb_only:
+        pg = os.environ.get("BENCH_DATABASE_URL")
+        servers.append((pg or LOCAL_ADMIN_URL, pg))
     tsdb = args.timescaledb_url or os.environ.get("TIMESCALEDB_URL")
     if tsdb:
         reason = await unreachable(tsdb)
@@ -260,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--timescaledb-url",
         help="a TimescaleDB server to measure too (default: TIMESCALEDB_URL)",
+    )
+    p.add_argument(
+        "--timescaledb-only",
+        action="store_true",
+        help="measure the TimescaleDB server only (the steady load then runs there)",
     )
     p.add_argument(
         "--queries",
