@@ -21,7 +21,8 @@ import pytest_asyncio
 from ingest.tools.bench.queries import run_times
 from tests.conftest import TEST_DATABASE_URL, _with_db
 
-EVENTS = 3_000
+# Enough batches of 500 that a drain spans several of the bench's 50 ms polls.
+EVENTS = 12_000
 # More than 7 days, so that TimescaleDB has chunks old enough to compress.
 HISTORY_DAYS = 9
 CALLS_PER_DAY = 50
