@@ -121,6 +121,8 @@ def _drain_row(d: Drain, st: State, empty: State | None, read_eps: float) -> lis
         notes.append(f"{_ratio(d.eps, read_eps)} x read ceiling")
     if not d.finished:
         notes.append(f"{d.events:,} events in {d.seconds:.0f} s")
+    elif d.events == 0:
+        notes = ["all committed before the first poll: too few events to measure"]
     rss = " / ".join(f"{x:.0f}" for x in d.peak_rss_mb)
     return [
         (f"    {label}", rate, ", ".join(notes)),
