@@ -1,17 +1,23 @@
 """``ingest bench``: how fast the worker drains a backlog, next to the limits of the machine,
-measured side by side in one run on the same broker and database server.
+measured side by side in one run on the same broker, on PostgreSQL and on TimescaleDB.
 
-1. preload a topic with N realistic events;
-2. database ceiling: the same outcome with the minimal database work (rows prepared in
-   memory; per batch, in one transaction: COPY the new calls, COPY the events, one
-   set-based UPDATE of the terminated calls);
-3. read ceiling: a bare aiokafka consumer reading the topic;
-4. the worker draining the backlog from a fresh group (first commit to zero lag), with the
-   peak RSS of its process; 5. the same with two worker processes;
-6. the worker at a fixed offered load, with freshness (commit time minus event time);
-7. one table and a JSON file with the machine's description.
+1. preload a topic with N realistic events; read ceiling: a bare aiokafka consumer;
+2. per database server (PostgreSQL: BENCH_DATABASE_URL or a fresh local database;
+   TimescaleDB: --timescaledb-url or TIMESCALEDB_URL), on empty tables: the database ceiling
+   (the same outcome with the minimal database work: rows prepared in memory; per batch, in
+   one transaction: COPY the new calls, COPY the events, one set-based UPDATE of the
+   terminated calls), the worker draining the backlog from a fresh group with one and two
+   processes (first commit to zero lag; CPU per event and peak RSS of its processes);
+3. with --history-days N, the same on a database holding N days of history before the
+   corpus (generated server-side, kept between runs): the shipped queries
+   (schema/queries/*.sql, median of several runs), the ceiling, one worker; on TimescaleDB
+   also with the chunks older than 7 days compressed, and the compression figures;
+4. on the first server (PostgreSQL), the worker at a fixed offered load, with freshness
+   (commit time minus event time);
+5. one table and a JSON file with the machine's description.
 
-After every run that writes, the benchmark checks that each event is stored exactly once.
+After every run that writes, the benchmark checks that each event of the corpus is stored
+exactly once.
 """
 
 from __future__ import annotations
@@ -21,49 +27,217 @@ import asyncio
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import asyncpg
 import orjson
 
 from ingest.tools.bench.ceilings import database_ceiling, read_ceiling
-from ingest.tools.bench.corpus import bench_database, create_topic, preload
+from ingest.tools.bench.corpus import (
+    START,
+    Target,
+    bench_database,
+    clean,
+    create_topic,
+    drop_database,
+    preload,
+    server_version,
+    unreachable,
+)
 from ingest.tools.bench.drains import drain, steady
-from ingest.tools.bench.report import Result, machine, table
-from ingest.tools.devbroker import broker_or_env
+from ingest.tools.bench.history import (
+    Shape,
+    compress,
+    compressed_state,
+    compression_stats,
+    decompress,
+    history_database,
+    size_bytes,
+)
+from ingest.tools.bench.queries import query_files, time_queries
+from ingest.tools.bench.report import (
+    CompressionFigures,
+    HistoryFigures,
+    Result,
+    Server,
+    State,
+    Steady,
+    machine,
+    table,
+)
+from ingest.tools.devbroker import LOCAL_ADMIN_URL, broker_or_env
+from ingest.tools.migrate import schema_dir
+
+_STARTED = time.monotonic()
+
+
+def _say(msg: str) -> None:
+    print(f"[bench {time.monotonic() - _STARTED:5.0f}s] {msg}", file=sys.stderr, flush=True)
 
 
 async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
     """Every measurement in order; prints progress to stderr."""
-    url = await bench_database(os.environ.get("BENCH_DATABASE_URL"))
     r = Result(events=args.events, batch=args.batch)
-    r.machine = await machine(url, broker)
+    r.machine = await machine(broker)
+    servers: list[tuple[str, str | None]] = []
+    if not args.timescaledb_only:
+        pg = os.environ.get("BENCH_DATABASE_URL")
+        servers.append((pg or LOCAL_ADMIN_URL, pg))
+    tsdb = args.timescaledb_url or os.environ.get("TIMESCALEDB_URL")
+    if tsdb:
+        reason = await unreachable(tsdb)
+        if reason:
+            r.skipped.append(f"TimescaleDB: {reason}")
+        else:
+            servers.append((tsdb, None))
+    else:
+        r.skipped.append("TimescaleDB: no --timescaledb-url and no TIMESCALEDB_URL")
+    for reason in r.skipped:
+        _say(f"skipped: {reason}")
+
     topic = f"bench-{time.time_ns()}"
     await create_topic(bootstrap, topic)
-
-    def say(msg: str) -> None:
-        print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-    say(f"preloading {args.events:,} events")
+    _say(f"preloading {args.events:,} events")
     t = time.perf_counter()
     ends = await preload(bootstrap, topic, args.events, args.seed)
     r.preload_s = time.perf_counter() - t
-    say("database ceiling")
-    r.db_ceiling_eps = await database_ceiling(url, args.events, args.seed, args.batch)
-    say("read ceiling")
+    _say("read ceiling")
     r.read_ceiling_eps = await read_ceiling(bootstrap, topic, args.events)
-    say("worker, one process")
-    r.drain_1_eps, rss1 = await drain(url, bootstrap, topic, args.events, ends, 1)
-    r.drain_1_peak_rss_mb = rss1[0]
-    say("worker, two processes")
-    r.drain_2_eps, r.drain_2_peak_rss_mb = await drain(url, bootstrap, topic, args.events, ends, 2)
-    if args.steady_seconds > 0:
-        say(f"steady load {args.steady_rate:,.0f} ev/s for {args.steady_seconds:.0f} s")
-        r.steady_seconds = args.steady_seconds
-        (r.steady_rate_eps, r.freshness_p50_s, r.freshness_p95_s, r.freshness_p99_s) = await steady(
-            url, bootstrap, args.steady_rate, args.steady_seconds, args.seed + 1
-        )
+    corpus = Corpus(bootstrap, topic, ends)
+    for i, (server_url, db_url) in enumerate(servers):
+        srv = Server(*await server_version(server_url))
+        r.servers.append(srv)
+        try:
+            await _server(args, corpus, srv, server_url, db_url, steady_load=i == 0)
+        except (OSError, asyncpg.PostgresError) as exc:
+            # The rows measured so far are kept; the reason goes with them.
+            r.skipped.append(f"{srv.name}: the rest failed: {type(exc).__name__}: {exc}")
+            _say(r.skipped[-1])
     return r
+
+
+@dataclass(frozen=True, slots=True)
+class Corpus:
+    """The preloaded topic every drain reads."""
+
+    bootstrap: str
+    topic: str
+    ends: dict[int, int]
+
+
+async def _server(
+    args: argparse.Namespace,
+    corpus: Corpus,
+    srv: Server,
+    server_url: str,
+    db_url: str | None,
+    steady_load: bool,
+) -> None:
+    """Empty tables, then history (plain, then compressed on TimescaleDB), on one server."""
+    _say(f"{srv.name} {srv.version}")
+    url, created = await bench_database(db_url, server_url)
+    try:
+        empty = State("empty tables")
+        srv.states.append(empty)
+        await _measure(args, corpus, Target(url), empty, args.processes, queries=False)
+        if steady_load and args.steady_seconds > 0:
+            _say(f"steady load {args.steady_rate:,.0f} ev/s for {args.steady_seconds:.0f} s")
+            rate, p50, p95, p99 = await steady(
+                Target(url), corpus.bootstrap, args.steady_rate, args.steady_seconds, args.seed + 1
+            )
+            srv.steady = Steady(args.steady_seconds, rate, p50, p95, p99)
+    finally:
+        if created:
+            await drop_database(server_url, url)
+    if args.history_days > 0:
+        await _history(args, corpus, server_url, srv)
+
+
+async def _history(args: argparse.Namespace, corpus: Corpus, server_url: str, srv: Server) -> None:
+    shape = Shape(args.history_days, args.history_calls_per_day, START)
+    async with history_database(server_url, shape, _say) as h:
+        srv.history = HistoryFigures(
+            h.shape.days, h.shape.calls_per_day, h.calls, h.events, h.reused, h.generated_s
+        )
+        target = Target(h.url, history=True)
+        plain = State(f"{shape.days} days of history")
+        if not h.timescaledb:
+            srv.states.append(plain)
+            await _measure(args, corpus, target, plain, processes=(1,), queries=True)
+            return
+        packed = State(f"{shape.days} days of history, chunks older than 7 days compressed")
+        srv.states += [plain, packed]
+        # One transition per run: measure the state the cached history is in first.
+        if await compressed_state(h.url, START):
+            after = await size_bytes(h.url)
+            stats = await compression_stats(h.url)
+            await _measure(args, corpus, target, packed, processes=(1,), queries=True)
+            _say("decompressing the history")
+            chunks, took = await decompress(h.url)
+            before = await size_bytes(h.url)
+            transition = "decompressing"
+            await _measure(args, corpus, target, plain, processes=(1,), queries=True)
+        else:
+            await _measure(args, corpus, target, plain, processes=(1,), queries=True)
+            before = await size_bytes(h.url)
+            _say("compressing the chunks older than 7 days")
+            chunks, took = await compress(h.url, START)
+            after = await size_bytes(h.url)
+            stats = await compression_stats(h.url)
+            transition = "compressing"
+            await _measure(args, corpus, target, packed, processes=(1,), queries=True)
+        srv.compression = CompressionFigures(
+            chunks,
+            before,
+            after,
+            int(stats.get("before_compression_total_bytes") or 0),
+            int(stats.get("after_compression_total_bytes") or 0),
+            transition,
+            took,
+        )
+
+
+async def _measure(
+    args: argparse.Namespace,
+    corpus: Corpus,
+    target: Target,
+    st: State,
+    processes: tuple[int, ...],
+    queries: bool,
+) -> None:
+    """The shipped queries (on the history alone), the ceiling, then the drains."""
+    if queries:
+        await clean(target)
+        files = query_files(args.queries)
+        _say(f"{st.name}: {len(files)} query file(s) x {args.query_runs} runs")
+        st.queries = await time_queries(target.url, args.queries, args.query_runs)
+    _say(f"{st.name}: database ceiling")
+    st.ceiling_eps = await database_ceiling(target, args.events, args.seed, args.batch)
+    for n in processes:
+        _say(f"{st.name}: worker, {n} process(es)")
+        st.drains.append(
+            await drain(
+                target,
+                corpus.bootstrap,
+                corpus.topic,
+                args.events,
+                corpus.ends,
+                n,
+                args.drain_timeout,
+            )
+        )
+    await clean(target)
+
+
+def _process_counts(raw: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in raw.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("a comma-separated list of counts, e.g. 1,2") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("counts of at least 1")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +248,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steady-rate", type=float, default=5_000)
     p.add_argument("--steady-seconds", type=float, default=60)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--history-days",
+        type=int,
+        default=0,
+        help="also measure with this many days of history before the corpus (365: a year)",
+    )
+    p.add_argument("--history-calls-per-day", type=int, default=2_000)
+    p.add_argument(
+        "--timescaledb-url",
+        help="a TimescaleDB server to measure too (default: TIMESCALEDB_URL)",
+    )
+    p.add_argument(
+        "--timescaledb-only",
+        action="store_true",
+        help="measure the TimescaleDB server only (the steady load then runs there)",
+    )
+    p.add_argument(
+        "--queries",
+        type=Path,
+        default=None,
+        help="directory of query files to time (default: schema/queries)",
+    )
+    p.add_argument(
+        "--processes",
+        type=_process_counts,
+        default=(1, 2),
+        help="worker processes per drain on empty tables, comma-separated (default 1,2)",
+    )
+    p.add_argument("--query-runs", type=int, default=5, help="runs per query file (median)")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=1800,
+        help="seconds before a drain is cut short (its row then says so)",
+    )
     p.add_argument("--output", type=Path, default=Path("bench-results/latest.json"))
     args = p.parse_args(argv)
+    if args.queries is None:
+        args.queries = schema_dir() / "queries"
     with broker_or_env() as (bootstrap, broker):
         result = asyncio.run(run(args, bootstrap, "tansu (in memory)" if broker else bootstrap))
     print(table(result))

@@ -11,7 +11,14 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ingest.tools.bench.corpus import PARTITIONS, check_exactly_once, clean, events
+from ingest.tools.bench.corpus import (
+    CEILING_SEED_OFFSET,
+    PARTITIONS,
+    Target,
+    check_exactly_once,
+    clean,
+    events,
+)
 
 
 def prepared_batches(n: int, seed: int, batch: int) -> list[tuple[list[Any], list[Any], list[Any]]]:
@@ -42,11 +49,12 @@ WHERE c.id = t.id AND c.ended_at IS NULL
 """
 
 
-async def database_ceiling(url: str, n: int, seed: int, batch: int) -> float:
-    """Events/s of the minimal database work for the same outcome."""
-    batches = prepared_batches(n, seed, batch)
-    await clean(url)
-    conn = await asyncpg.connect(url)
+async def database_ceiling(target: Target, n: int, seed: int, batch: int) -> float:
+    """Events/s of the minimal database work for the same outcome (a corpus of the same
+    shape with other ids than the drains', from the same start)."""
+    batches = prepared_batches(n, seed + CEILING_SEED_OFFSET, batch)
+    await clean(target)
+    conn = await asyncpg.connect(target.url)
     try:
         started = time.perf_counter()
         for calls, rows, terms in batches:

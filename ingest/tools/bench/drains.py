@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +18,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from ingest.tools.bench.corpus import check_exactly_once, clean, create_topic
+from ingest.tools.bench.corpus import Target, check_exactly_once, clean, create_topic
 from ingest.tools.devbroker import free_port
 from ingest.tools.produce import interleave
 
@@ -54,45 +55,110 @@ async def _positions(conn: asyncpg.Connection, group: str) -> dict[int, int]:
     return {r["partition"]: r["next_offset"] for r in rows}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (``/proc/PID/stat`` fields 14, 15)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name (field 2) may hold spaces: count fields after its ')'.
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(slots=True)
+class Drain:
+    """One backlog drained by ``processes`` workers."""
+
+    processes: int
+    eps: float
+    events: int
+    seconds: float
+    cpu_us_per_event: float
+    peak_rss_mb: list[float]
+    finished: bool = True
+
+
 async def drain(
-    url: str, bootstrap: str, topic: str, n: int, ends: dict[int, int], processes: int
-) -> tuple[float, list[float]]:
-    """Events/s of ``processes`` workers from their first commit to zero lag; peak RSS each."""
-    await clean(url)
+    target: Target,
+    bootstrap: str,
+    topic: str,
+    n: int,
+    ends: dict[int, int],
+    processes: int,
+    timeout_s: float = 1800,
+) -> Drain:
+    """``processes`` workers drain the topic from a fresh group: events/s and CPU per event
+    from their first commit to zero lag (or to ``timeout_s``: then the row says so), peak
+    RSS each. Afterwards every event stored is checked to be stored exactly once."""
+    await clean(target)
     group = f"bench-drain-{processes}-{time.time_ns()}"
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "ingest", "run"],
-            env=_worker_env(url, bootstrap, topic, group, free_port()),
+            env=_worker_env(target.url, bootstrap, topic, group, free_port()),
         )
         for _ in range(processes)
     ]
-    conn = await asyncpg.connect(url)
+    conn = await asyncpg.connect(target.url)
+    try:
+        return await _measure_drain(conn, procs, group, n, ends, processes, timeout_s)
+    finally:
+        await conn.close()
+
+
+async def _measure_drain(
+    conn: asyncpg.Connection,
+    procs: list[subprocess.Popen[bytes]],
+    group: str,
+    n: int,
+    ends: dict[int, int],
+    processes: int,
+    timeout_s: float,
+) -> Drain:
     try:
         first_at = first_stored = None
-        deadline = time.monotonic() + 1800
+        cpu_first = 0.0
+        stored = 0
+        finished = False
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             pos = await _positions(conn, group)
             stored = sum(pos.values())
             now = time.monotonic()
             if first_at is None and stored > 0:
                 first_at, first_stored = now, stored
+                cpu_first = sum(cpu_seconds(p.pid) for p in procs)
             if all(pos.get(p, 0) >= e for p, e in ends.items()):
+                finished = True
                 break
             if any(p.poll() is not None for p in procs):
                 raise SystemExit("bench: a worker exited during the drain")
             await asyncio.sleep(0.05)
-        else:
-            raise SystemExit("bench: the drain did not finish in 30 minutes")
         end_at = time.monotonic()
+        cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_first
         rss = [_peak_rss_mb(p.pid) for p in procs]
-        await check_exactly_once(conn, n)
     finally:
-        await conn.close()
         _stop(procs)
-    assert first_at is not None
-    assert first_stored is not None
-    return (sum(ends.values()) - first_stored) / max(end_at - first_at, 1e-9), rss
+    # A drain cut short is checked for what its workers committed before they stopped.
+    committed = sum((await _positions(conn, group)).values())
+    await check_exactly_once(conn, n if finished else committed)
+    if first_at is None or first_stored is None:
+        return Drain(processes, 0.0, 0, end_at - (deadline - timeout_s), 0.0, rss, finished)
+    drained = (sum(ends.values()) if finished else stored) - first_stored
+    seconds = max(end_at - first_at, 1e-9)
+    return Drain(
+        processes,
+        drained / seconds,
+        drained,
+        seconds,
+        cpu / max(drained, 1) * 1e6,
+        rss,
+        finished,
+    )
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -134,10 +200,11 @@ def quantile(q: float, buckets: list[tuple[float, float]]) -> float:
 
 
 async def steady(
-    url: str, bootstrap: str, rate: float, seconds: float, seed: int
+    target: Target, bootstrap: str, rate: float, seconds: float, seed: int
 ) -> tuple[float, float, float, float]:
     """Offered load at ``rate`` for ``seconds``: achieved rate and freshness p50/p95/p99."""
-    await clean(url)
+    await clean(target)
+    url = target.url
     topic = f"bench-steady-{time.time_ns()}"
     await create_topic(bootstrap, topic)
     port = free_port()

@@ -9,7 +9,67 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+from ingest.tools.bench.drains import Drain
+from ingest.tools.bench.queries import QueryTime
+
+
+@dataclass
+class State:
+    """One database in one state (empty tables, history, compressed history)."""
+
+    name: str
+    ceiling_eps: float = 0.0
+    drains: list[Drain] = field(default_factory=list)
+    queries: list[QueryTime] = field(default_factory=list)
+
+
+@dataclass
+class HistoryFigures:
+    """The history a server's history states were measured on."""
+
+    days: int
+    calls_per_day: int
+    calls: int
+    events: int
+    reused: bool
+    generated_s: float
+
+
+@dataclass
+class CompressionFigures:
+    """call_events on disk before and after compressing the old chunks."""
+
+    chunks: int
+    size_before_bytes: int
+    size_after_bytes: int
+    chunks_before_bytes: int
+    chunks_after_bytes: int
+    # Compressing (or, when the cached history was found compressed, decompressing) took.
+    transition: str
+    transition_s: float
+
+
+@dataclass
+class Steady:
+    """The worker at a fixed offered load."""
+
+    seconds: float
+    rate_eps: float
+    freshness_p50_s: float
+    freshness_p95_s: float
+    freshness_p99_s: float
+
+
+@dataclass
+class Server:
+    """Everything measured on one database server."""
+
+    name: str
+    version: str
+    states: list[State] = field(default_factory=list)
+    history: HistoryFigures | None = None
+    compression: CompressionFigures | None = None
+    steady: Steady | None = None
 
 
 @dataclass
@@ -19,21 +79,13 @@ class Result:
     events: int
     batch: int
     preload_s: float = 0.0
-    db_ceiling_eps: float = 0.0
     read_ceiling_eps: float = 0.0
-    drain_1_eps: float = 0.0
-    drain_1_peak_rss_mb: float = 0.0
-    drain_2_eps: float = 0.0
-    drain_2_peak_rss_mb: list[float] = field(default_factory=list)
-    steady_rate_eps: float = 0.0
-    steady_seconds: float = 0.0
-    freshness_p50_s: float = 0.0
-    freshness_p95_s: float = 0.0
-    freshness_p99_s: float = 0.0
+    servers: list[Server] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
 
 
-async def machine(url: str, broker: str) -> dict[str, Any]:
+async def machine(broker: str) -> dict[str, Any]:
     """What the numbers were measured on."""
     cpu = ""
     try:
@@ -44,54 +96,108 @@ async def machine(url: str, broker: str) -> dict[str, Any]:
         mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
     except OSError:
         mem_kb = 0
-    conn = await asyncpg.connect(url)
-    try:
-        pg = await conn.fetchval("SHOW server_version")
-    finally:
-        await conn.close()
     return {
         "cpus": os.cpu_count(),
         "cpu": cpu,
         "memory_gib": round(mem_kb / 2**20, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "postgresql": pg,
         "broker": broker,
         "date": datetime.now(UTC).isoformat(),
     }
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "-"
+
+
+def _drain_row(d: Drain, st: State, empty: State | None, read_eps: float) -> list[Row]:
+    label = f"worker, {d.processes} process{'es' if d.processes > 1 else ''}"
+    rate = f"{d.eps:,.0f} ev/s" + ("" if d.finished else " (cut short)")
+    notes = [f"{_ratio(d.eps, st.ceiling_eps)} x db ceiling"]
+    if empty is not None and empty is not st:
+        notes.append(f"{_ratio(d.eps, _first_drain(empty, d.processes))} x empty")
+    elif d.processes == 1:
+        notes.append(f"{_ratio(d.eps, read_eps)} x read ceiling")
+    if not d.finished:
+        notes.append(f"{d.events:,} events in {d.seconds:.0f} s")
+    elif d.events == 0:
+        notes = ["all committed before the first poll: too few events to measure"]
+    rss = " / ".join(f"{x:.0f}" for x in d.peak_rss_mb)
+    return [
+        (f"    {label}", rate, ", ".join(notes)),
+        ("      CPU per event, peak RSS", f"{d.cpu_us_per_event:.1f} us", f"{rss} MB"),
+    ]
+
+
+def _first_drain(st: State, processes: int) -> float:
+    return next((d.eps for d in st.drains if d.processes == processes), 0.0)
+
+
+def _mb(b: int) -> str:
+    return f"{b / 2**20:,.0f} MB"
+
+
+def _server_rows(srv: Server, read_eps: float) -> list[Row]:
+    rows: list[Row] = [(f"{srv.name} {srv.version}", "", "")]
+    empty = srv.states[0] if srv.states and srv.states[0].name == "empty tables" else None
+    for st in srv.states:
+        note = ""
+        if st is not empty and srv.history is not None:
+            h = srv.history
+            how = "reused" if h.reused else "generated"
+            note = (
+                f"{h.events:,} events, {h.calls:,} calls; {how}, "
+                f"generation took {h.generated_s:.0f} s"
+            )
+        rows.append((f"  {st.name}", "", note))
+        for q in st.queries:
+            value = f"{q.median_ms:,.1f} ms" if q.median_ms is not None else "failed"
+            detail = q.error or f"median of {len(q.runs_ms)} runs"
+            rows.append((f"    query {q.file}", value, detail))
+        rows.append(("    database ceiling", f"{st.ceiling_eps:,.0f} ev/s", "same-work, other ids"))
+        for d in st.drains:
+            rows += _drain_row(d, st, empty, read_eps)
+        if "compressed" in st.name and srv.compression is not None:
+            c = srv.compression
+            rows.append(
+                (
+                    "    call_events on disk",
+                    f"{_mb(c.size_before_bytes)} -> {_mb(c.size_after_bytes)}",
+                    f"{_ratio(c.size_before_bytes, c.size_after_bytes)} x smaller; "
+                    f"compressed chunks {_ratio(c.chunks_before_bytes, c.chunks_after_bytes)} x "
+                    f"({c.chunks} chunks, {c.transition} took {c.transition_s:.0f} s)",
+                )
+            )
+    if srv.steady is not None:
+        s = srv.steady
+        rows.append(("  steady load", f"{s.rate_eps:,.0f} ev/s for {s.seconds:.0f} s", ""))
+        rows.append(
+            (
+                "    freshness p50/p95/p99",
+                f"{s.freshness_p50_s:.3f} / {s.freshness_p95_s:.3f} / {s.freshness_p99_s:.3f} s",
+                "commit time - event time",
+            )
+        )
+    return rows
+
+
+Row = tuple[str, str, str]
+
+
 def table(r: Result) -> str:
     """The human-readable result."""
-    rows = [
+    rows: list[Row] = [
         ("events", f"{r.events:,}", ""),
         ("batch size", f"{r.batch:,}", ""),
-        (
-            "database ceiling",
-            f"{r.db_ceiling_eps:,.0f} ev/s",
-            "COPY calls + COPY events + 1 UPDATE per batch",
-        ),
         ("read ceiling", f"{r.read_ceiling_eps:,.0f} rec/s", "bare aiokafka consumer"),
-        (
-            "worker, 1 process",
-            f"{r.drain_1_eps:,.0f} ev/s",
-            f"{r.drain_1_eps / r.db_ceiling_eps:.2f} x db ceiling, "
-            f"{r.drain_1_eps / r.read_ceiling_eps:.2f} x read ceiling",
-        ),
-        ("  peak RSS", f"{r.drain_1_peak_rss_mb:.0f} MB", ""),
-        (
-            "worker, 2 processes",
-            f"{r.drain_2_eps:,.0f} ev/s",
-            f"{r.drain_2_eps / r.db_ceiling_eps:.2f} x db ceiling",
-        ),
-        ("  peak RSS", " / ".join(f"{x:.0f}" for x in r.drain_2_peak_rss_mb) + " MB", ""),
-        ("steady load", f"{r.steady_rate_eps:,.0f} ev/s for {r.steady_seconds:.0f} s", ""),
-        (
-            "  freshness p50/p95/p99",
-            f"{r.freshness_p50_s:.3f} / {r.freshness_p95_s:.3f} / {r.freshness_p99_s:.3f} s",
-            "commit time - event time",
-        ),
     ]
-    w0 = max(len(a) for a, _, _ in rows)
+    for srv in r.servers:
+        rows += _server_rows(srv, r.read_ceiling_eps)
+    rows += [("skipped", reason, "") for reason in r.skipped]
+    # Headings (no value) run into the columns rather than widen them.
+    w0 = max(len(a) for a, b, _ in rows if b)
     w1 = max(len(b) for _, b, _ in rows)
-    return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip() for a, b, c in rows)
+    return "\n".join(
+        f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip() if b else f"{a}  {c}".rstrip() for a, b, c in rows
+    )

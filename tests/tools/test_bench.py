@@ -1,0 +1,178 @@
+"""``ingest bench`` end to end with tiny numbers, so the command cannot rot: one run of the
+real command (real broker, real worker processes, real servers) on PostgreSQL, and on
+TimescaleDB when one is reachable (``TIMESCALEDB_URL`` or 127.0.0.1:5433)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+import pytest_asyncio
+
+from ingest.service.settings import redact_url
+from ingest.tools.bench.queries import run_times
+from tests.conftest import TEST_DATABASE_URL, _with_db
+
+# Enough batches of 500 that a drain spans several of the bench's 50 ms polls.
+EVENTS = 12_000
+# More than 7 days, so that TimescaleDB has chunks old enough to compress.
+HISTORY_DAYS = 9
+CALLS_PER_DAY = 50
+TIMESCALEDB_URL = os.environ.get("TIMESCALEDB_URL", "postgresql://postgres@127.0.0.1:5433/postgres")
+
+
+async def _timescaledb() -> str | None:
+    """The TimescaleDB server's URL, or None when nothing answers there."""
+    try:
+        conn = await asyncpg.connect(TIMESCALEDB_URL, timeout=3)
+    except (OSError, TimeoutError, asyncpg.PostgresError):
+        return None
+    try:
+        has = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
+        )
+    finally:
+        await conn.close()
+    return TIMESCALEDB_URL if has else None
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def bench(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+    """One run of ``ingest bench`` with tiny numbers; yields its JSON result."""
+    name = f"ingest_test_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(TEST_DATABASE_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    tmp = tmp_path_factory.mktemp("bench")
+    queries = tmp / "queries"
+    queries.mkdir()
+    (queries / "calls_per_status.sql").write_text(
+        "SELECT status, count(*) FROM calls GROUP BY 1;\n\\echo done\n"
+    )
+    tsdb = await _timescaledb()
+    args = [
+        sys.executable, "-m", "ingest", "bench",
+        "--events", str(EVENTS), "--batch", "500", "--steady-seconds", "0", "--processes", "1",
+        "--history-days", str(HISTORY_DAYS), "--history-calls-per-day", str(CALLS_PER_DAY),
+        "--queries", str(queries), "--query-runs", "2", "--drain-timeout", "60",
+        "--output", str(tmp / "latest.json"),
+    ]  # fmt: skip
+    if tsdb is not None:
+        args += ["--timescaledb-url", tsdb]
+    env = {
+        **os.environ,
+        "BENCH_DATABASE_URL": _with_db(TEST_DATABASE_URL, name),
+        "KAFKA_BOOTSTRAP_SERVERS": kafka,
+        # Tansu answers a join after about two thirds of the session timeout: keep it short.
+        "KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+    }
+    env.pop("TIMESCALEDB_URL", None)
+    try:
+        proc = await asyncio.to_thread(
+            subprocess.run, args, env=env, capture_output=True, text=True, timeout=150
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        yield {"result": orjson.loads((tmp / "latest.json").read_bytes()), "table": proc.stdout}
+    finally:
+        admin = await asyncpg.connect(TEST_DATABASE_URL)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def _server(result: Any, name: str) -> Any:
+    found = [s for s in result["servers"] if s["name"] == name]
+    if not found and name == "TimescaleDB":
+        pytest.skip(
+            f"no TimescaleDB server answers at {redact_url(TIMESCALEDB_URL)} "
+            "(set TIMESCALEDB_URL to one)"
+        )
+    assert found, result["skipped"]
+    return found[0]
+
+
+def _drains_are_whole(state: Any) -> None:
+    assert state["ceiling_eps"] > 0
+    for d in state["drains"]:
+        assert d["finished"], d
+        assert d["eps"] > 0
+        assert d["cpu_us_per_event"] > 0
+        assert all(rss > 0 for rss in d["peak_rss_mb"])
+
+
+async def test_bench_measures_postgresql_empty_and_with_history(bench: Any) -> None:
+    pg = _server(bench["result"], "PostgreSQL")
+    empty, history = pg["states"]
+    assert [d["processes"] for d in empty["drains"]] == [1]
+    _drains_are_whole(empty)
+    _drains_are_whole(history)
+    assert pg["history"]["days"] == HISTORY_DAYS
+    assert pg["history"]["calls"] == HISTORY_DAYS * CALLS_PER_DAY
+    # About 6 events a call.
+    assert 5 * pg["history"]["calls"] < pg["history"]["events"] < 7 * pg["history"]["calls"]
+    assert "worker, 1 process" in bench["table"]
+
+
+async def test_bench_times_each_query_file_on_the_history(bench: Any) -> None:
+    pg = _server(bench["result"], "PostgreSQL")
+    (q,) = pg["states"][1]["queries"]
+    assert q["file"] == "calls_per_status.sql"
+    assert q["error"] == ""
+    assert len(q["runs_ms"]) == 2
+    assert q["median_ms"] > 0
+
+
+async def test_bench_leaves_the_history_as_it_found_it(bench: Any) -> None:
+    pg = _server(bench["result"], "PostgreSQL")
+    url = _with_db(TEST_DATABASE_URL, f"ingest_bench_history_{HISTORY_DAYS}d_{CALLS_PER_DAY}c")
+    conn = await asyncpg.connect(url)
+    try:
+        events = await conn.fetchval("SELECT count(*) FROM call_events")
+        calls = await conn.fetchval("SELECT count(*) FROM calls")
+        positions = await conn.fetchval("SELECT count(*) FROM ingest_consumer_offsets")
+    finally:
+        await conn.close()
+    assert (events, calls, positions) == (pg["history"]["events"], pg["history"]["calls"], 0)
+
+
+async def test_bench_measures_timescaledb_plain_and_compressed_history(bench: Any) -> None:
+    ts = _server(bench["result"], "TimescaleDB")
+    empty, plain, packed = ts["states"]
+    for state in (empty, plain, packed):
+        _drains_are_whole(state)
+    assert "compressed" in packed["name"]
+    assert len(packed["queries"]) == 1
+    c = ts["compression"]
+    assert c["chunks"] > 0
+    assert c["size_before_bytes"] > 0
+    assert c["size_after_bytes"] > 0
+
+
+def test_query_time_of_a_run_is_the_sum_of_its_statements() -> None:
+    out = "@@ingest-bench-run\nTime: 1.5 ms\nTime: 2.5 ms\n@@ingest-bench-run\nTime: 3.0 ms\n"
+    assert run_times(out) == [4.0, 3.0]
+
+
+def test_query_run_times_read_long_psql_timings() -> None:
+    assert run_times("@@ingest-bench-run\nTime: 1234.567 ms (00:01.235)\n") == [1234.567]
+
+
+def test_bench_help_names_the_history_options() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ingest", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent,
+    ).stdout
+    assert "--history-days" in out
+    assert "--timescaledb-url" in out
