@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -72,8 +72,10 @@ SELECT v.id, v.call_id, v.event_type, v.event_data::jsonb, v.created_at
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
      AS v(id, call_id, event_type, event_data, created_at)
 ON CONFLICT (id, created_at) DO NOTHING
-RETURNING e.id, e.created_at
 """
+# Only when the count says some were stored before: which ones (decoding a row per event
+# costs the client about as much again as encoding it, so the common case skips it).
+_INSERT_EVENTS_RETURNING = _INSERT_EVENTS + "RETURNING e.id, e.created_at\n"
 _EXISTING_CALLS = "SELECT id FROM calls WHERE id = ANY($1::uuid[])"
 _EXISTING_AGENTS = "SELECT id FROM agents WHERE id = ANY($1::uuid[])"
 
@@ -126,9 +128,8 @@ _CALL_COLUMNS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One consumed record with what decoding made of it."""
+class Item(NamedTuple):
+    """One consumed record with what decoding made of it (a named tuple: one per record)."""
 
     ref: RecordRef
     key: bytes | None
@@ -308,7 +309,11 @@ class BatchWriter:
         return kept, existing
 
     async def _store(
-        self, conn: asyncpg.Connection, items: list[Item], existing_calls: set[UUID]
+        self,
+        conn: asyncpg.Connection,
+        items: list[Item],
+        existing_calls: set[UUID],
+        find_repeats: bool = False,
     ) -> _Stored:
         """Insert in a savepoint; on a data error, bisect to isolate the rejected records.
 
@@ -318,11 +323,14 @@ class BatchWriter:
             return _Stored()
         try:
             async with conn.transaction():
-                inserted, terminated = await self._insert(conn, items, existing_calls)
+                inserted, terminated = await self._insert(conn, items, existing_calls, find_repeats)
+        except _HoldsRepeats:
+            # Rolled back: some events were stored before; insert again, learning which.
+            return await self._store(conn, items, existing_calls, find_repeats=True)
         except _AlreadyStored as exc:
             # Rolled back: a stored repeat changed what the batch does to a call begun in it.
             rest = [i for i in items if _key(_event(i)) not in exc.keys]
-            again = await self._store(conn, rest, existing_calls)
+            again = await self._store(conn, rest, existing_calls, find_repeats)
             again.repeats += len(items) - len(rest)
             return again
         except asyncpg.PostgresError as exc:
@@ -332,8 +340,8 @@ class BatchWriter:
                 detail = f"{type(exc).__name__}: {exc}"
                 return _Stored(rejected=[_dead(items[0], DB_REJECTED, detail, sqlstate_of(exc))])
             mid = len(items) // 2
-            a = await self._store(conn, items[:mid], existing_calls)
-            b = await self._store(conn, items[mid:], existing_calls)
+            a = await self._store(conn, items[:mid], existing_calls, find_repeats)
+            b = await self._store(conn, items[mid:], existing_calls, find_repeats)
             return _Stored(
                 a.items + b.items,
                 a.rejected + b.rejected,
@@ -344,7 +352,7 @@ class BatchWriter:
 
     @staticmethod
     async def _insert(
-        conn: asyncpg.Connection, items: list[Item], existing_calls: set[UUID]
+        conn: asyncpg.Connection, items: list[Item], existing_calls: set[UUID], find_repeats: bool
     ) -> tuple[list[Item], int]:
         """Store events and their effects on calls; return the items inserted (the others
         were stored before) and how many calls they terminated.
@@ -359,15 +367,18 @@ class BatchWriter:
             await conn.copy_records_to_table(
                 "calls", records=plan.new_call_rows(), columns=_CALL_COLUMNS
             )
-        rows = await conn.fetch(
-            _INSERT_EVENTS,
+        columns = (
             [e.id for e in events],
             [e.call_id for e in events],
             [e.event_type for e in events],
             [e.event_data_json for e in events],
             [e.created_at for e in events],
         )
-        if len(rows) < len(events):
+        if not find_repeats:
+            if _rows_updated(await conn.execute(_INSERT_EVENTS, *columns)) < len(events):
+                raise _HoldsRepeats
+        else:
+            rows = await conn.fetch(_INSERT_EVENTS_RETURNING, *columns)
             inserted_keys = {(r[0], r[1]) for r in rows}
             stored_before = {_key(e) for e in events} - inserted_keys
             # An event of a call begun in this batch can be stored already only if a producer
@@ -420,6 +431,11 @@ class _Stored:
     rejected: list[DeadLetter] = field(default_factory=list)
     terminated: int = 0
     repeats: int = 0
+
+
+class _HoldsRepeats(Exception):
+    """Raised inside a savepoint when some events were stored before: roll back, and insert
+    again asking which."""
 
 
 class _AlreadyStored(Exception):
