@@ -67,8 +67,9 @@ def classify(exc: BaseException) -> Disposition:
     """Judge one failure of a database write or a broker call."""
     state = sqlstate_of(exc)
     if state is not None:
-        # A concurrent writer stored the same event key between our duplicate check and our
-        # COPY (possible only across partitions); the retry's check will see it committed.
+        # A concurrent writer created the same call between our calls lookup and our COPY
+        # (possible only across partitions); the retry's lookup will see it committed.
+        # (Events never raise it: their INSERT skips a stored key, ON CONFLICT DO NOTHING.)
         if state == UNIQUE_VIOLATION:
             return Disposition.TRANSIENT
         cls = state[:2]

@@ -4,11 +4,14 @@ Per batch, in one transaction:
 
 1. lock this group's stored positions of the batch's partitions (``ingest_consumer_offsets``)
    and drop records below them: another owner already stored them (the fence);
-2. drop repeats of an event id (in the batch: first wins; in the table: already stored);
-3. dead-letter initiations naming a missing agent and events of calls that do not exist;
+2. dead-letter initiations naming a missing agent and events of calls that do not exist;
+3. drop repeats of an event key ``(id, created_at)`` within the batch (first wins);
 4. in a savepoint: COPY the calls begun in this batch (with what the batch's answers and
-   terminations did to them), COPY ``call_events``, UPDATE calls that already existed; on a
-   data error (SQLSTATE 22/23) bisect until the offending records are isolated;
+   terminations did to them), INSERT the events with ``ON CONFLICT (id, created_at) DO
+   NOTHING`` (events already stored are dropped as repeats; the check is the key's own
+   index, in the one chunk that holds that time, so its cost does not grow with history),
+   UPDATE calls that already existed for the events actually inserted; on a data error
+   (SQLSTATE 22/23) bisect until the offending records are isolated;
 5. publish the dead letters and wait for the broker's acknowledgement;
 6. advance the stored positions past the whole batch, then COMMIT.
 
@@ -22,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -66,7 +69,19 @@ WHERE o.consumer_group = $1 AND o.topic = v.topic AND o.partition = v.partition
   AND o.next_offset < v.next_offset
 """
 
-_EXISTING_EVENT_IDS = "SELECT id FROM call_events WHERE id = ANY($1::uuid[])"
+# No lookup of stored events per batch: a lookup by id names no time, so on a hypertable
+# it probes every chunk (and decompresses compressed ones). The key's unique index decides
+# instead, in the chunk of each row's own time. Not COPY: COPY cannot skip a conflict.
+_INSERT_EVENTS = """
+INSERT INTO call_events AS e (id, call_id, event_type, event_data, created_at)
+SELECT v.id, v.call_id, v.event_type, v.event_data::jsonb, v.created_at
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
+     AS v(id, call_id, event_type, event_data, created_at)
+ON CONFLICT (id, created_at) DO NOTHING
+"""
+# Only when the count says some were stored before: which ones (decoding a row per event
+# costs the client about as much again as encoding it, so the common case skips it).
+_INSERT_EVENTS_RETURNING = _INSERT_EVENTS + "RETURNING e.id, e.created_at\n"
 _EXISTING_CALLS = "SELECT id FROM calls WHERE id = ANY($1::uuid[])"
 _EXISTING_AGENTS = "SELECT id FROM agents WHERE id = ANY($1::uuid[])"
 
@@ -102,7 +117,6 @@ FROM (SELECT agent_id, max(used_at) AS used_at
 WHERE a.id = v.agent_id AND (a.last_used_at IS NULL OR a.last_used_at < v.used_at)
 """
 
-_EVENT_COLUMNS = ("id", "call_id", "event_type", "event_data", "created_at")
 _CALL_COLUMNS = (
     "id",
     "from_number",
@@ -120,9 +134,8 @@ _CALL_COLUMNS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One consumed record with what decoding made of it."""
+class Item(NamedTuple):
+    """One consumed record with what decoding made of it (a named tuple: one per record)."""
 
     ref: RecordRef
     key: bytes | None
@@ -243,20 +256,25 @@ class BatchWriter:
         # on scanning it as it grows: batch writes grew from 100 to 270 ms in seven seconds
         # of steady load. Re-plan now and then; forcing custom plans instead costs a
         # per-element estimate of every 5,000-id array on every batch.
+        # Keyed by the server process: the pool hands out a new proxy object per acquire,
+        # so id(conn) changed every batch and every batch paid DISCARD PLANS (and the map grew).
         now = time.monotonic()
-        key = id(conn)
+        key = conn.get_server_pid()
         if now - self._planned_at.get(key, 0.0) >= REPLAN_EVERY_S:
             await conn.execute("DISCARD PLANS")
+            self._planned_at = {
+                k: t for k, t in self._planned_at.items() if now - t < 10 * REPLAN_EVERY_S
+            }
             self._planned_at[key] = now
 
     async def _write_in(
         self, conn: asyncpg.Connection, items: Sequence[Item], result: WriteResult
     ) -> WriteResult:
-        stored = await self._lock_positions(conn, items)
-        moved = {k: p for k, p in stored.items() if p < self._reading_from.get(k, p)}
+        positions = await self._lock_positions(conn, items)
+        moved = {k: p for k, p in positions.items() if p < self._reading_from.get(k, p)}
         if moved:
             raise PositionsMovedBack(moved)
-        live = [i for i in items if i.ref.offset >= stored[(i.ref.topic, i.ref.partition)]]
+        live = [i for i in items if i.ref.offset >= positions[(i.ref.topic, i.ref.partition)]]
         result.fenced = len(items) - len(live)
 
         events: list[Item] = []
@@ -269,15 +287,18 @@ class BatchWriter:
 
         # Orphans first: a repeat only counts as one when its first copy can be stored.
         events, existing_calls = await self._drop_orphans(conn, events, result)
-        events, repeats = await self._drop_repeats(conn, events, result)
-        stored_events, rejected, result.terminated = await self._store(conn, events, existing_calls)
-        result.dead_letters.extend(rejected)
-        result.dead_letters.extend(_repeats_of_rejected(events, rejected, repeats, result))
-        result.written = [_event(i) for i in stored_events]
+        events, repeats = _drop_batch_repeats(events)
+        result.duplicates += sum(len(r) for r in repeats.values())
+        stored = await self._store(conn, events, existing_calls)
+        result.terminated = stored.terminated
+        result.duplicates += stored.repeats
+        result.dead_letters.extend(stored.rejected)
+        result.dead_letters.extend(_repeats_of_rejected(events, stored.rejected, repeats, result))
+        result.written = [_event(i) for i in stored.items]
 
         await self._publisher.publish(result.dead_letters)
 
-        result.positions = self._next_positions(items, stored)
+        result.positions = self._next_positions(items, positions)
         keys = sorted(result.positions)
         last = _last_records(items)
         await conn.execute(
@@ -308,31 +329,6 @@ class BatchWriter:
             k = (i.ref.topic, i.ref.partition)
             nxt[k] = max(nxt[k], i.ref.offset + 1)
         return nxt
-
-    @staticmethod
-    async def _drop_repeats(
-        conn: asyncpg.Connection, events: list[Item], result: WriteResult
-    ) -> tuple[list[Item], dict[UUID, list[Item]]]:
-        """Drop repeats of an id: later copies in the batch (returned, by id), and events
-        whose id is already stored."""
-        seen: set[UUID] = set()
-        unique: list[Item] = []
-        repeats: dict[UUID, list[Item]] = {}
-        for item in events:
-            eid = _event(item).id
-            if eid in seen:
-                result.duplicates += 1
-                repeats.setdefault(eid, []).append(item)
-                continue
-            seen.add(eid)
-            unique.append(item)
-        if not unique:
-            return unique, repeats
-        existing = {r["id"] for r in await conn.fetch(_EXISTING_EVENT_IDS, list(seen))}
-        if existing:
-            result.duplicates += sum(1 for i in unique if _event(i).id in existing)
-            unique = [i for i in unique if _event(i).id not in existing]
-        return unique, repeats
 
     @staticmethod
     async def _drop_orphans(
@@ -373,51 +369,85 @@ class BatchWriter:
         return kept, existing
 
     async def _store(
-        self, conn: asyncpg.Connection, items: list[Item], existing_calls: set[UUID]
-    ) -> tuple[list[Item], list[DeadLetter], int]:
+        self,
+        conn: asyncpg.Connection,
+        items: list[Item],
+        existing_calls: set[UUID],
+        find_repeats: bool = False,
+    ) -> _Stored:
         """Insert in a savepoint; on a data error, bisect to isolate the rejected records.
 
-        Returns the stored items, the dead letters and the number of calls terminated.
+        Events whose key is already stored are not inserted and count as repeats.
         """
         if not items:
-            return [], [], 0
+            return _Stored()
         try:
             async with conn.transaction():
-                terminated = await self._insert(conn, [_event(i) for i in items], existing_calls)
+                inserted, terminated = await self._insert(conn, items, existing_calls, find_repeats)
+        except _HoldsRepeats:
+            # Rolled back: some events were stored before; insert again, learning which.
+            return await self._store(conn, items, existing_calls, find_repeats=True)
+        except _AlreadyStored as exc:
+            # Rolled back: a stored repeat changed what the batch does to a call begun in it.
+            rest = [i for i in items if _key(_event(i)) not in exc.keys]
+            again = await self._store(conn, rest, existing_calls, find_repeats)
+            again.repeats += len(items) - len(rest)
+            return again
         except asyncpg.PostgresError as exc:
             if classify(exc) is not Disposition.DATA:
                 raise
             if len(items) == 1:
                 detail = f"{type(exc).__name__}: {exc}"
-                return [], [_dead(items[0], DB_REJECTED, detail, sqlstate_of(exc))], 0
+                return _Stored(rejected=[_dead(items[0], DB_REJECTED, detail, sqlstate_of(exc))])
             mid = len(items) // 2
-            ok_a, dead_a, term_a = await self._store(conn, items[:mid], existing_calls)
-            ok_b, dead_b, term_b = await self._store(conn, items[mid:], existing_calls)
-            return ok_a + ok_b, dead_a + dead_b, term_a + term_b
-        return items, [], terminated
+            a = await self._store(conn, items[:mid], existing_calls, find_repeats)
+            b = await self._store(conn, items[mid:], existing_calls, find_repeats)
+            return _Stored(
+                a.items + b.items,
+                a.rejected + b.rejected,
+                a.terminated + b.terminated,
+                a.repeats + b.repeats,
+            )
+        return _Stored(inserted, [], terminated, len(items) - len(inserted))
 
     @staticmethod
     async def _insert(
-        conn: asyncpg.Connection, events: list[CallEvent], existing_calls: set[UUID]
-    ) -> int:
-        """Store events and their effects on calls; return how many calls they terminated.
+        conn: asyncpg.Connection, items: list[Item], existing_calls: set[UUID], find_repeats: bool
+    ) -> tuple[list[Item], int]:
+        """Store events and their effects on calls; return the items inserted (the others
+        were stored before) and how many calls they terminated.
 
         Calls begun in this batch get their final state in memory (answer, first
         termination) and are written once, by COPY; only calls that already existed take
-        set-based UPDATEs.
+        set-based UPDATEs, from the events actually inserted.
         """
+        events = [_event(i) for i in items]
         plan = CallPlan.of(events, existing_calls)
         if plan.new_calls:
             await conn.copy_records_to_table(
                 "calls", records=plan.new_call_rows(), columns=_CALL_COLUMNS
             )
-        await conn.copy_records_to_table(
-            "call_events",
-            records=[
-                (e.id, e.call_id, e.event_type, e.event_data_json, e.created_at) for e in events
-            ],
-            columns=_EVENT_COLUMNS,
+        columns = (
+            [e.id for e in events],
+            [e.call_id for e in events],
+            [e.event_type for e in events],
+            [e.event_data_json for e in events],
+            [e.created_at for e in events],
         )
+        if not find_repeats:
+            if _rows_updated(await conn.execute(_INSERT_EVENTS, *columns)) < len(events):
+                raise _HoldsRepeats
+        else:
+            rows = await conn.fetch(_INSERT_EVENTS_RETURNING, *columns)
+            inserted_keys = {(r[0], r[1]) for r in rows}
+            stored_before = {_key(e) for e in events} - inserted_keys
+            # An event of a call begun in this batch can be stored already only if a producer
+            # reused an event key for another call; then redo without it.
+            if any(_key(e) in stored_before for e in events if e.call_id in plan.new_calls):
+                raise _AlreadyStored(stored_before)
+            items = [i for i, e in zip(items, events, strict=True) if _key(e) in inserted_keys]
+            events = [_event(i) for i in items]
+            plan = CallPlan.of(events, existing_calls)
         if plan.answered:
             await conn.execute(_ANSWER_CALLS, plan.answered)
         if plan.agents_used:
@@ -426,7 +456,7 @@ class BatchWriter:
             )
         terminated = plan.terminated_new
         if plan.terminations:
-            rows = [
+            rows_t = [
                 (
                     e.call_id,
                     t.status,
@@ -440,9 +470,56 @@ class BatchWriter:
                 for e in plan.terminations
                 if (t := e.termination) is not None
             ]
-            status = await conn.execute(_TERMINATE_CALLS, *map(list, zip(*rows, strict=True)))
+            status = await conn.execute(_TERMINATE_CALLS, *map(list, zip(*rows_t, strict=True)))
             terminated += _rows_updated(status)
-        return terminated
+        return items, terminated
+
+
+EventKey = tuple[UUID, datetime]
+
+
+def _key(e: CallEvent) -> EventKey:
+    """The table's key of an event: a repeat is a second event with the same key."""
+    return (e.id, e.created_at)
+
+
+@dataclass(slots=True)
+class _Stored:
+    """What one savepoint (or a bisected part of it) stored."""
+
+    items: list[Item] = field(default_factory=list)
+    rejected: list[DeadLetter] = field(default_factory=list)
+    terminated: int = 0
+    repeats: int = 0
+
+
+class _HoldsRepeats(Exception):
+    """Raised inside a savepoint when some events were stored before: roll back, and insert
+    again asking which."""
+
+
+class _AlreadyStored(Exception):
+    """Raised inside a savepoint to roll it back and store again without these keys."""
+
+    def __init__(self, keys: set[EventKey]) -> None:
+        super().__init__(f"{len(keys)} event keys already stored")
+        self.keys = keys
+
+
+def _drop_batch_repeats(events: list[Item]) -> tuple[list[Item], dict[EventKey, list[Item]]]:
+    """Drop later copies of an event key within the batch (first wins); return the rest and
+    the dropped copies by key."""
+    seen: set[EventKey] = set()
+    unique: list[Item] = []
+    repeats: dict[EventKey, list[Item]] = {}
+    for item in events:
+        k = _key(_event(item))
+        if k in seen:
+            repeats.setdefault(k, []).append(item)
+        else:
+            seen.add(k)
+            unique.append(item)
+    return unique, repeats
 
 
 @dataclass(slots=True)
@@ -544,7 +621,7 @@ class CallPlan:
 def _repeats_of_rejected(
     attempted: list[Item],
     rejected: list[DeadLetter],
-    repeats: dict[UUID, list[Item]],
+    repeats: dict[EventKey, list[Item]],
     result: WriteResult,
 ) -> list[DeadLetter]:
     """Later copies of an event whose first copy the database rejected follow it to the
@@ -557,7 +634,7 @@ def _repeats_of_rejected(
         dl = letters.get(item.ref)
         if dl is None:
             continue
-        for repeat in repeats.get(_event(item).id, []):
+        for repeat in repeats.get(_key(_event(item)), []):
             result.duplicates -= 1
             out.append(
                 _dead(repeat, dl.reason, f"repeat of a rejected event: {dl.detail}", dl.sqlstate)

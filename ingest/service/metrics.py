@@ -18,7 +18,7 @@ EVENTS_DEAD_LETTERED: Final = Counter(
     "ingest_events_dead_lettered", "Records sent to the dead-letter topic.", ["reason"]
 )
 EVENTS_DUPLICATE: Final = Counter(
-    "ingest_events_duplicate", "Events dropped because their id was already stored."
+    "ingest_events_duplicate", "Events dropped: their key (id, created_at) was already stored."
 )
 EVENTS_FENCED: Final = Counter(
     "ingest_events_fenced", "Records skipped because another owner had already stored them."

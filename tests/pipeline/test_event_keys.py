@@ -1,0 +1,151 @@
+"""What the sink does with a repeat of an event key ``(id, created_at)``: the BatchWriter on
+a real PostgreSQL server, dead letters on a real broker."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest_asyncio
+from aiokafka import AIOKafkaProducer
+
+from ingest.pipeline.contract import RecordRef, decode
+from ingest.pipeline.deadletter import DeadLetterPublisher
+from ingest.pipeline.sink import BatchWriter, Item, WriteResult
+from tests.support import Topics, call_events, event
+
+T0 = datetime(2026, 2, 1, 9, 0, tzinfo=UTC)
+_offsets = itertools.count()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def writer(database_url: str, topics: Topics) -> AsyncIterator[BatchWriter]:
+    """A BatchWriter of a fresh group, on a pool of one connection."""
+    producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap, enable_idempotence=False)
+    await producer.start()
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        yield BatchWriter(pool, topics.group, DeadLetterPublisher(producer, topics.dlq))
+    finally:
+        await pool.close()
+        await producer.stop()
+
+
+def items(topic: str, *events: dict[str, Any]) -> list[Item]:
+    """Consumed records of ``events``, at increasing offsets of partition 0."""
+    out = []
+    for e in events:
+        ref = RecordRef(topic, 0, next(_offsets))
+        value = orjson.dumps(e)
+        out.append(Item(ref, None, value, decode(value, ref, None)))
+    return out
+
+
+async def write(writer: BatchWriter, topics: Topics, *events: dict[str, Any]) -> WriteResult:
+    return await writer.write(items(topics.source, *events))
+
+
+async def test_a_repeat_of_a_stored_event_in_a_later_batch_is_a_duplicate(db, writer, topics):
+    init, answer = call_events(uuid.uuid4(), T0)[:2]
+    await write(writer, topics, init, answer)
+    again = {**answer, "event_data": {"other": "content"}}
+    result = await write(writer, topics, again)
+    assert (len(result.written), result.duplicates, result.dead_letters) == (0, 1, [])
+    rows = await db.fetch(
+        "SELECT event_data FROM call_events WHERE id = $1", uuid.UUID(answer["id"])
+    )
+    assert [orjson.loads(r["event_data"]) for r in rows] == [answer["event_data"]]
+
+
+async def test_a_repeat_of_an_event_stored_months_ago_is_a_duplicate(db, writer, topics):
+    old = T0 - timedelta(days=200)
+    init, answer = call_events(uuid.uuid4(), old)[:2]
+    await write(writer, topics, init, answer)
+    result = await write(
+        writer,
+        topics,
+        event(uuid.uuid4(), "initiation", at=T0, from_number="+15550001", to_number="+15550002"),
+        answer,
+    )
+    assert (len(result.written), result.duplicates, result.dead_letters) == (1, 1, [])
+
+
+async def test_the_same_id_with_another_created_at_is_stored_as_another_event(db, writer, topics):
+    init, answer = call_events(uuid.uuid4(), T0)[:2]
+    await write(writer, topics, init, answer)
+    later = {**answer, "created_at": (T0 + timedelta(hours=1)).isoformat()}
+    result = await write(writer, topics, later)
+    assert (len(result.written), result.duplicates, result.dead_letters) == (1, 0, [])
+    times = await db.fetch(
+        "SELECT created_at FROM call_events WHERE id = $1 ORDER BY created_at",
+        uuid.UUID(answer["id"]),
+    )
+    assert [r["created_at"] for r in times] == [
+        datetime.fromisoformat(answer["created_at"]),
+        T0 + timedelta(hours=1),
+    ]
+
+
+async def test_within_a_batch_repeats_are_matched_by_id_and_created_at(db, writer, topics):
+    init, answer = call_events(uuid.uuid4(), T0)[:2]
+    same = {**answer, "event_data": {"copy": True}}
+    moved = {**answer, "created_at": (T0 + timedelta(hours=2)).isoformat()}
+    result = await write(writer, topics, init, answer, same, moved)
+    assert (len(result.written), result.duplicates, result.dead_letters) == (3, 1, [])
+    n = await db.fetchval("SELECT count(*) FROM call_events WHERE id = $1", uuid.UUID(answer["id"]))
+    assert n == 2
+
+
+async def test_a_stored_key_reused_by_a_call_begun_in_the_batch_does_not_change_that_call(
+    db, writer, topics
+):
+    # A producer bug: an event key already stored for one call comes back naming a call
+    # that begins in this batch. It is a repeat of the stored key, so it must neither be
+    # stored nor end the new call.
+    first = call_events(uuid.uuid4(), T0)
+    await write(writer, topics, *first)
+    termination = next(e for e in first if e["event_type"] == "termination")
+    new_call = uuid.uuid4()
+    new_init = call_events(new_call, T0)[0]
+    reused = {**termination, "call_id": str(new_call)}
+    result = await write(writer, topics, new_init, reused)
+    assert (len(result.written), result.duplicates, result.dead_letters) == (1, 1, [])
+    assert (result.terminated, result.written[0].id) == (0, uuid.UUID(new_init["id"]))
+    row = await db.fetchrow("SELECT status, ended_at FROM calls WHERE id = $1", new_call)
+    assert (row["status"], row["ended_at"]) == ("initiated", None)
+
+
+async def test_a_repeated_termination_does_not_count_a_call_as_terminated_twice(db, writer, topics):
+    evs = call_events(uuid.uuid4(), T0)
+    first = await write(writer, topics, *evs)
+    termination = next(e for e in evs if e["event_type"] == "termination")
+    again = await write(writer, topics, termination)
+    assert (first.terminated, again.terminated, again.duplicates) == (1, 0, 1)
+
+
+async def test_plans_are_discarded_once_per_interval_per_session_not_per_batch(
+    database_url, topics
+):
+    discards: list[str] = []
+
+    async def watch(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(
+            lambda q: discards.append(q.query) if q.query == "DISCARD PLANS" else None
+        )
+
+    producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap, enable_idempotence=False)
+    await producer.start()
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1, init=watch)
+    try:
+        w = BatchWriter(pool, topics.group, DeadLetterPublisher(producer, topics.dlq))
+        for _ in range(5):
+            await write(w, topics, *call_events(uuid.uuid4(), T0))
+    finally:
+        await pool.close()
+        await producer.stop()
+    assert discards == ["DISCARD PLANS"]

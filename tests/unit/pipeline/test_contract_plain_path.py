@@ -1,0 +1,130 @@
+"""The plain-case shortcut in ``decode`` must decide exactly as the envelope model does."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest.pipeline.contract import (
+    CallEvent,
+    RecordRef,
+    decode,
+    decode_by_model,
+)
+
+REF = RecordRef("calls", 2, 41)
+U = "08d0323c-08ab-4715-9caa-0c48340252a6"
+
+uuids = st.one_of(
+    st.uuids().map(str),
+    st.uuids().map(lambda u: str(u).upper()),
+    st.uuids().map(lambda u: u.hex),
+    st.uuids().map(lambda u: "{" + str(u) + "}"),
+    st.uuids().map(lambda u: "urn:uuid:" + str(u)),
+    st.just(U.replace("-", "", 1) + "-"),
+    st.just(U[:35] + "g"),
+    st.just(U[:8] + "-" + U[9:13] + "x" + U[14:]),
+    st.just(U + " "),
+    st.just("\x00" + U[1:]),
+    st.just(""),
+    st.integers(-(2**63), 2**63 - 1),
+    st.none(),
+)
+timestamps = st.one_of(
+    st.just("2026-03-01T12:00:00Z"),
+    st.just("2026-03-01T12:00:00.123456789+02:00"),
+    st.just("2026-03-01 12:00:00z"),
+    st.just("2026-03-01T12:00:00"),
+    st.just("2026-02-30T12:00:00Z"),
+    st.just("9999-12-31T23:59:59-23:59"),
+    st.just("0001-01-01T00:00:00+01:00"),
+    st.text(max_size=8),
+    st.integers(-(2**63), 2**63 - 1),
+    st.none(),
+)
+phones = st.one_of(
+    st.just("+15550001"), st.just("15550001"), st.just("+٣٣٣"), st.integers(-(2**63), 2**63 - 1)
+)
+call_fields = st.dictionaries(
+    st.sampled_from(
+        [
+            "from_number",
+            "to_number",
+            "agent_id",
+            "status",
+            "duration_seconds",
+            "recording_url",
+            "transcript",
+            "sentiment_score",
+            "cost_cents",
+            "text",
+        ]
+    ),
+    st.one_of(
+        phones,
+        uuids,
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.integers(-5, 2**32),
+        st.text(max_size=5),
+        st.none(),
+    ),
+    max_size=5,
+)
+MISSING = object()
+
+
+@st.composite
+def events(draw: st.DrawFn) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, values in (
+        ("id", uuids),
+        ("call_id", uuids),
+        ("event_type", st.sampled_from(["initiation", "answer", "termination", "error", "x", 3])),
+        ("event_data", st.one_of(call_fields, st.lists(st.integers(-9, 9), max_size=2), st.none())),
+        ("created_at", timestamps),
+    ):
+        v = draw(st.one_of(st.just(MISSING), values) if draw(st.booleans()) else values)
+        if v is not MISSING:
+            obj[key] = v
+    obj.update(draw(call_fields))
+    return obj
+
+
+@settings(max_examples=400, deadline=None)
+@given(events(), st.one_of(st.none(), st.integers(-1, 2**45)))
+def test_decode_agrees_with_the_envelope_model_on_any_object(obj: dict[str, Any], ts: Any) -> None:
+    value = orjson.dumps(obj)
+    assert decode(value, REF, ts) == decode_by_model(orjson.loads(value), value, REF, ts)
+
+
+def test_a_nul_escape_anywhere_takes_the_model_path_and_is_refused() -> None:
+    obj = {
+        "id": U,
+        "call_id": U,
+        "event_type": "answer",
+        "event_data": {"t": "a\x00b"},
+        "created_at": "2026-03-01T12:00:00Z",
+    }
+    value = orjson.dumps(obj)
+    assert decode(value, REF, None) == decode_by_model(obj, value, REF, None)
+    assert not isinstance(decode(value, REF, None), CallEvent)
+
+
+def test_a_plain_event_decodes_to_the_same_values_as_the_model() -> None:
+    obj = {
+        "id": U,
+        "call_id": str(uuid.uuid4()),
+        "event_type": "initiation",
+        "event_data": {"from_number": "+15550001", "to_number": "+15550002", "n": [1, 2]},
+        "created_at": "2026-03-01T12:00:00.5+02:00",
+    }
+    value = orjson.dumps(obj)
+    fast = decode(value, REF, None)
+    assert isinstance(fast, CallEvent)
+    assert fast == decode_by_model(obj, value, REF, None)
+    assert fast.id == uuid.UUID(U)
+    assert hash(fast.id) == hash(uuid.UUID(U))
