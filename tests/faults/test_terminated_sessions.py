@@ -18,7 +18,7 @@ from tests.support import Published, Topics, WorkerProcess, drained, eventually,
 pytestmark = pytest.mark.faults
 
 # How long the soak terminates sessions without a pause; minutes when run by hand.
-SOAK_S = float(os.environ.get("INGEST_FAULT_SOAK_S", "20"))
+SOAK_S = float(os.environ.get("INGEST_FAULT_SOAK_S", "10"))
 
 
 async def drained_by_a_live_worker(db, t: Topics, pub: Published, worker: WorkerProcess) -> None:
@@ -36,7 +36,7 @@ async def test_a_session_ended_at_any_point_of_the_batch_transaction_never_stops
     database_url, db, topics, tmp_path: Path
 ):
     records, calls = corpus(400, 0.01, seed=31)
-    wanted = dict.fromkeys(POINTS, 2)
+    wanted = dict.fromkeys(POINTS, 1)
     async with SessionTerminator(database_url, wanted) as proxy:
         env = worker_env(proxy.url(), topics, INGEST_BATCH_MAX_EVENTS="20")
         worker = WorkerProcess(env, tmp_path / "w.log").start()
