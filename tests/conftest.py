@@ -50,6 +50,23 @@ async def database_url() -> AsyncIterator[str]:
         await admin.close()
 
 
+@pytest_asyncio.fixture(loop_scope="session")
+async def postgres_empty_url() -> AsyncIterator[str]:
+    """A throwaway empty database (no migration) on the plain PostgreSQL test server."""
+    name = f"ingest_empty_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(TEST_DATABASE_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield _with_db(TEST_DATABASE_URL, name)
+    admin = await asyncpg.connect(TEST_DATABASE_URL)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on the test database, for the tests' own queries."""

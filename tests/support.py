@@ -150,6 +150,15 @@ class Published:
         for p, o in other.ends.items():
             self.ends[p] = max(self.ends.get(p, 0), o)
 
+    @classmethod
+    def acknowledged(cls, records: Sequence[Record], metas: Sequence[Any]) -> Published:
+        """The records with the broker's acknowledgements (``RecordMetadata``), in order."""
+        out = cls()
+        for rec, md in zip(records, metas, strict=True):
+            out.records.append((md.partition, md.offset, rec))
+            out.ends[md.partition] = max(out.ends.get(md.partition, 0), md.offset + 1)
+        return out
+
 
 async def publish(bootstrap: str, topic: str, records: Sequence[Record]) -> Published:
     """Publish in order and wait for every acknowledgement."""
@@ -157,16 +166,12 @@ async def publish(bootstrap: str, topic: str, records: Sequence[Record]) -> Publ
         bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=False
     )
     await producer.start()
-    out = Published()
     try:
         futs = [await producer.send(topic, value=v, key=k) for k, v in records]
         metas = await asyncio.gather(*futs)
     finally:
         await producer.stop()
-    for (k, v), md in zip(records, metas, strict=True):
-        out.records.append((md.partition, md.offset, (k, v)))
-        out.ends[md.partition] = max(out.ends.get(md.partition, 0), md.offset + 1)
-    return out
+    return Published.acknowledged(records, metas)
 
 
 @dataclass(frozen=True)

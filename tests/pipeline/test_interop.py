@@ -56,11 +56,7 @@ async def _publish_compressed(
         metas = await asyncio.gather(*futs)
     finally:
         await producer.stop()
-    out = Published()
-    for rec, md in zip(records, metas, strict=True):
-        out.records.append((md.partition, md.offset, rec))
-        out.ends[md.partition] = max(out.ends.get(md.partition, 0), md.offset + 1)
-    return out
+    return Published.acknowledged(records, metas)
 
 
 def _publish_with_librdkafka(bootstrap: str, topic: str, records: list[Record]) -> Published:

@@ -285,11 +285,7 @@ async def _publish_tls(bootstrap: str, pki: Pki, topic: str, records: list[Recor
         metas = await asyncio.gather(*[await producer.send(topic, v, k) for k, v in records])
     finally:
         await producer.stop()
-    out = Published()
-    for rec, md in zip(records, metas, strict=True):
-        out.records.append((md.partition, md.offset, rec))
-        out.ends[md.partition] = max(out.ends.get(md.partition, 0), md.offset + 1)
-    return out
+    return Published.acknowledged(records, metas)
 
 
 async def test_the_worker_consumes_over_tls_from_a_broker_it_verifies(

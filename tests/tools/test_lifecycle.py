@@ -7,15 +7,11 @@ import os
 import re
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from ingest.tools.migrate import Migrator, discover
-from tests.conftest import TEST_DATABASE_URL, _with_db
 
 LIFECYCLE = "0004"
 # Reverting the lifecycle reverts what came after it too, newest first.
@@ -25,19 +21,6 @@ _JOBS = """
 SELECT proc_name, config FROM timescaledb_information.jobs
 WHERE hypertable_name IN ('call_events', 'call_events_hourly')
 """
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def postgres_empty_url() -> AsyncIterator[str]:
-    """A throwaway empty database on the plain PostgreSQL test server."""
-    name = f"ingest_life_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(TEST_DATABASE_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    yield _with_db(TEST_DATABASE_URL, name)
-    admin = await asyncpg.connect(TEST_DATABASE_URL)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
 
 
 async def _jobs(conn: asyncpg.Connection) -> dict[str, str]:

@@ -7,16 +7,13 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from ingest.tools.migrate import MigrationError, Migrator, create, discover, parse
-from tests.conftest import TEST_DATABASE_URL, _with_db
 
 SEED_TABLES = {"users", "agents", "calls", "call_events"}
 SEED_INDEXES = {
@@ -36,25 +33,13 @@ SEED_INDEXES = {
 }
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def empty_db() -> AsyncIterator[str]:
-    name = f"ingest_mig_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(TEST_DATABASE_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    yield _with_db(TEST_DATABASE_URL, name)
-    admin = await asyncpg.connect(TEST_DATABASE_URL)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
-
-
 async def _tables(conn: asyncpg.Connection) -> set[str]:
     rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     return {r["tablename"] for r in rows}
 
 
-async def test_up_creates_the_seed_tables_constraints_and_indexes(empty_db):
-    conn = await asyncpg.connect(empty_db)
+async def test_up_creates_the_seed_tables_constraints_and_indexes(postgres_empty_url):
+    conn = await asyncpg.connect(postgres_empty_url)
     try:
         applied = await Migrator(conn, discover()).up()
         assert [m.version for m in applied] == [m.version for m in discover()]
@@ -71,8 +56,8 @@ async def test_up_creates_the_seed_tables_constraints_and_indexes(empty_db):
         await conn.close()
 
 
-async def test_up_twice_applies_nothing_the_second_time(empty_db):
-    conn = await asyncpg.connect(empty_db)
+async def test_up_twice_applies_nothing_the_second_time(postgres_empty_url):
+    conn = await asyncpg.connect(postgres_empty_url)
     try:
         await Migrator(conn, discover()).up()
         assert await Migrator(conn, discover()).up() == []
@@ -80,8 +65,8 @@ async def test_up_twice_applies_nothing_the_second_time(empty_db):
         await conn.close()
 
 
-async def test_down_reverts_newest_first_and_up_restores(empty_db):
-    conn = await asyncpg.connect(empty_db)
+async def test_down_reverts_newest_first_and_up_restores(postgres_empty_url):
+    conn = await asyncpg.connect(postgres_empty_url)
     try:
         m = Migrator(conn, discover())
         await m.up()
@@ -94,8 +79,8 @@ async def test_down_reverts_newest_first_and_up_restores(empty_db):
         await conn.close()
 
 
-async def test_status_lists_applied_and_pending_and_the_table_kind(empty_db):
-    conn = await asyncpg.connect(empty_db)
+async def test_status_lists_applied_and_pending_and_the_table_kind(postgres_empty_url):
+    conn = await asyncpg.connect(postgres_empty_url)
     try:
         m = Migrator(conn, discover())
         await m.up(target="0001")
@@ -110,8 +95,8 @@ async def test_status_lists_applied_and_pending_and_the_table_kind(empty_db):
         await conn.close()
 
 
-async def test_concurrent_up_applies_each_migration_once(empty_db):
-    conns = [await asyncpg.connect(empty_db) for _ in range(3)]
+async def test_concurrent_up_applies_each_migration_once(postgres_empty_url):
+    conns = [await asyncpg.connect(postgres_empty_url) for _ in range(3)]
     try:
         results = await asyncio.gather(*(Migrator(c, discover()).up() for c in conns))
         assert sorted(len(r) for r in results) == [0, 0, len(discover())]
@@ -221,8 +206,8 @@ async def test_call_events_becomes_a_hypertable_with_the_configured_chunk_interv
         await conn.close()
 
 
-async def test_without_timescaledb_call_events_stays_a_plain_table(empty_db):
-    conn = await asyncpg.connect(empty_db)
+async def test_without_timescaledb_call_events_stays_a_plain_table(postgres_empty_url):
+    conn = await asyncpg.connect(postgres_empty_url)
     try:
         if await _timescaledb_loadable(conn):
             pytest.skip("the test server has timescaledb")
