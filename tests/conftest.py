@@ -27,44 +27,44 @@ def _with_db(url: str, name: str) -> str:
     return urlunsplit((p.scheme, p.netloc, f"/{name}", p.query, p.fragment))
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def database_url() -> AsyncIterator[str]:
-    """A migrated database of its own for this test session, dropped at the end."""
-    name = f"ingest_test_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(TEST_DATABASE_URL)
+async def _create_database(server_url: str, prefix: str) -> str:
+    """A new empty database on the server of ``server_url``; its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(server_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    url = _with_db(TEST_DATABASE_URL, name)
+    return _with_db(server_url, name)
+
+
+async def _drop_database(server_url: str, url: str) -> None:
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{urlsplit(url).path[1:]}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """A migrated database of its own for this test session, dropped at the end."""
+    url = await _create_database(TEST_DATABASE_URL, "ingest_test")
     conn = await asyncpg.connect(url)
     try:
         await Migrator(conn, discover()).up()
     finally:
         await conn.close()
     yield url
-    admin = await asyncpg.connect(TEST_DATABASE_URL)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await _drop_database(TEST_DATABASE_URL, url)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def postgres_empty_url() -> AsyncIterator[str]:
     """A throwaway empty database (no migration) on the plain PostgreSQL test server."""
-    name = f"ingest_empty_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(TEST_DATABASE_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield _with_db(TEST_DATABASE_URL, name)
-    admin = await asyncpg.connect(TEST_DATABASE_URL)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    url = await _create_database(TEST_DATABASE_URL, "ingest_empty")
+    yield url
+    await _drop_database(TEST_DATABASE_URL, url)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -132,11 +132,7 @@ async def _timescale_database() -> str:
 
 
 async def _drop_timescale_database(url: str) -> None:
-    admin = await asyncpg.connect(TIMESCALEDB_URL)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{urlsplit(url).path[1:]}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await _drop_database(TIMESCALEDB_URL, url)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
