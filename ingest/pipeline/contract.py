@@ -184,7 +184,8 @@ class RecordRef(NamedTuple):
 class CallEvent(NamedTuple):
     """A validated event, ready for the database: every value fits its column.
 
-    A named tuple, like ``RecordRef``: one is made per consumed record."""
+    A named tuple, like ``RecordRef``: one is made per consumed record. Its first five
+    fields are the ``call_events`` row, in the sink's COPY column order."""
 
     id: uuid.UUID
     call_id: uuid.UUID

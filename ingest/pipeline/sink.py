@@ -7,11 +7,12 @@ Per batch, in one transaction:
 2. dead-letter initiations naming a missing agent and events of calls that do not exist;
 3. drop repeats of an event key ``(id, created_at)`` within the batch (first wins);
 4. in a savepoint: COPY the calls begun in this batch (with what the batch's answers and
-   terminations did to them), INSERT the events with ``ON CONFLICT (id, created_at) DO
-   NOTHING`` (events already stored are dropped as repeats; the check is the key's own
-   index, in the one chunk that holds that time, so its cost does not grow with history),
-   UPDATE calls that already existed for the events actually inserted; on a data error
-   (SQLSTATE 22/23) bisect until the offending records are isolated;
+   terminations did to them), COPY the events (a key stored before fails the COPY: the
+   savepoint rolls back and the events go again by ``INSERT ... ON CONFLICT (id,
+   created_at) DO NOTHING``, which drops those as repeats; either way the check is the
+   key's own index, in the one chunk that holds that time, so its cost does not grow with
+   history), UPDATE calls that already existed for the events actually inserted; on a data
+   error (SQLSTATE 22/23) bisect until the offending records are isolated;
 5. publish the dead letters and wait for the broker's acknowledgement;
 6. advance the stored positions past the whole batch, then COMMIT.
 
@@ -48,6 +49,9 @@ log = structlog.get_logger("ingest.sink")
 
 TopicPartitionKey = tuple[str, int]
 REPLAN_EVERY_S = 5.0
+# After a batch held events stored before, the next batches skip the COPY attempt: a
+# producer that repeats itself would otherwise make every batch pay a failed COPY first.
+INSERT_ONLY_AFTER_REPEATS = 20
 
 _LOCK_POSITIONS = """
 INSERT INTO ingest_consumer_offsets AS o (consumer_group, topic, partition, next_offset)
@@ -71,7 +75,10 @@ WHERE o.consumer_group = $1 AND o.topic = v.topic AND o.partition = v.partition
 
 # No lookup of stored events per batch: a lookup by id names no time, so on a hypertable
 # it probes every chunk (and decompresses compressed ones). The key's unique index decides
-# instead, in the chunk of each row's own time. Not COPY: COPY cannot skip a conflict.
+# instead, in the chunk of each row's own time: a binary COPY first (the cheapest write, for
+# the client and the server; a stored key fails it with a unique violation), and when the
+# batch holds events stored before, this INSERT, which skips them.
+_EVENT_COLUMNS = ("id", "call_id", "event_type", "event_data", "created_at")
 _INSERT_EVENTS = """
 INSERT INTO call_events AS e (id, call_id, event_type, event_data, created_at)
 SELECT v.id, v.call_id, v.event_type, v.event_data::jsonb, v.created_at
@@ -189,6 +196,7 @@ class BatchWriter:
         # to (``reading_from``) or that its batches stored. Positions only move forward,
         # except by an operator's reset; one found behind this is such a reset.
         self._reading_from: dict[TopicPartitionKey, int] = {}
+        self._insert_only_batches = 0
 
     async def ping(self) -> None:
         """Raise unless the database answers."""
@@ -289,7 +297,11 @@ class BatchWriter:
         events, existing_calls = await self._drop_orphans(conn, events, result)
         events, repeats = _drop_batch_repeats(events)
         result.duplicates += sum(len(r) for r in repeats.values())
-        stored = await self._store(conn, events, existing_calls)
+        copy = self._insert_only_batches == 0
+        self._insert_only_batches = max(0, self._insert_only_batches - 1)
+        stored = await self._store(conn, events, existing_calls, copy=copy)
+        if stored.repeats or stored.repeats_seen:
+            self._insert_only_batches = INSERT_ONLY_AFTER_REPEATS
         result.terminated = stored.terminated
         result.duplicates += stored.repeats
         result.dead_letters.extend(stored.rejected)
@@ -374,19 +386,27 @@ class BatchWriter:
         items: list[Item],
         existing_calls: set[UUID],
         find_repeats: bool = False,
+        copy: bool = True,
     ) -> _Stored:
         """Insert in a savepoint; on a data error, bisect to isolate the rejected records.
 
-        Events whose key is already stored are not inserted and count as repeats.
+        Events whose key is already stored are not inserted and count as repeats. ``copy``:
+        try a COPY of the events first (fails on a stored key, then the INSERT path runs).
         """
         if not items:
             return _Stored()
         try:
             async with conn.transaction():
-                inserted, terminated = await self._insert(conn, items, existing_calls, find_repeats)
+                inserted, terminated = await self._insert(
+                    conn, items, existing_calls, find_repeats, copy
+                )
         except _HoldsRepeats:
             # Rolled back: some events were stored before; insert again, learning which.
-            return await self._store(conn, items, existing_calls, find_repeats=True)
+            again = await self._store(conn, items, existing_calls, find_repeats=True)
+            # Counted even when none is found now (a concurrent writer's row that a failed
+            # COPY saw and then rolled back): the next batches skip the COPY either way.
+            again.repeats_seen = True
+            return again
         except _AlreadyStored as exc:
             # Rolled back: a stored repeat changed what the batch does to a call begun in it.
             rest = [i for i in items if _key(_event(i)) not in exc.keys]
@@ -400,19 +420,24 @@ class BatchWriter:
                 detail = f"{type(exc).__name__}: {exc}"
                 return _Stored(rejected=[_dead(items[0], DB_REJECTED, detail, sqlstate_of(exc))])
             mid = len(items) // 2
-            a = await self._store(conn, items[:mid], existing_calls, find_repeats)
-            b = await self._store(conn, items[mid:], existing_calls, find_repeats)
+            a = await self._store(conn, items[:mid], existing_calls, find_repeats, copy)
+            b = await self._store(conn, items[mid:], existing_calls, find_repeats, copy)
             return _Stored(
                 a.items + b.items,
                 a.rejected + b.rejected,
                 a.terminated + b.terminated,
                 a.repeats + b.repeats,
+                a.repeats_seen or b.repeats_seen,
             )
         return _Stored(inserted, [], terminated, len(items) - len(inserted))
 
     @staticmethod
     async def _insert(
-        conn: asyncpg.Connection, items: list[Item], existing_calls: set[UUID], find_repeats: bool
+        conn: asyncpg.Connection,
+        items: list[Item],
+        existing_calls: set[UUID],
+        find_repeats: bool,
+        copy: bool,
     ) -> tuple[list[Item], int]:
         """Store events and their effects on calls; return the items inserted (the others
         were stored before) and how many calls they terminated.
@@ -427,17 +452,21 @@ class BatchWriter:
             await conn.copy_records_to_table(
                 "calls", records=plan.new_call_rows(), columns=_CALL_COLUMNS
             )
-        columns = (
-            [e.id for e in events],
-            [e.call_id for e in events],
-            [e.event_type for e in events],
-            [e.event_data_json for e in events],
-            [e.created_at for e in events],
-        )
-        if not find_repeats:
+        if copy and not find_repeats:
+            try:
+                await conn.copy_records_to_table(
+                    "call_events",
+                    records=[e[:5] for e in events],
+                    columns=_EVENT_COLUMNS,
+                )
+            except asyncpg.UniqueViolationError:
+                raise _HoldsRepeats from None
+        elif not find_repeats:
+            columns = _event_columns(events)
             if _rows_updated(await conn.execute(_INSERT_EVENTS, *columns)) < len(events):
                 raise _HoldsRepeats
         else:
+            columns = _event_columns(events)
             rows = await conn.fetch(_INSERT_EVENTS_RETURNING, *columns)
             inserted_keys = {(r[0], r[1]) for r in rows}
             stored_before = {_key(e) for e in events} - inserted_keys
@@ -478,6 +507,17 @@ class BatchWriter:
 EventKey = tuple[UUID, datetime]
 
 
+def _event_columns(events: list[CallEvent]) -> tuple[list[Any], ...]:
+    """The INSERT's five arrays, in ``_EVENT_COLUMNS`` order."""
+    return (
+        [e.id for e in events],
+        [e.call_id for e in events],
+        [e.event_type for e in events],
+        [e.event_data_json for e in events],
+        [e.created_at for e in events],
+    )
+
+
 def _key(e: CallEvent) -> EventKey:
     """The table's key of an event: a repeat is a second event with the same key."""
     return (e.id, e.created_at)
@@ -491,6 +531,7 @@ class _Stored:
     rejected: list[DeadLetter] = field(default_factory=list)
     terminated: int = 0
     repeats: int = 0
+    repeats_seen: bool = False
 
 
 class _HoldsRepeats(Exception):

@@ -3,6 +3,7 @@ a real PostgreSQL server, dead letters on a real broker."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import uuid
 from collections.abc import AsyncIterator
@@ -23,17 +24,26 @@ T0 = datetime(2026, 2, 1, 9, 0, tzinfo=UTC)
 _offsets = itertools.count()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def writer(database_url: str, topics: Topics) -> AsyncIterator[BatchWriter]:
-    """A BatchWriter of a fresh group, on a pool of one connection."""
+@contextlib.asynccontextmanager
+async def one_connection_writer(
+    database_url: str, topics: Topics, **pool_options: Any
+) -> AsyncIterator[BatchWriter]:
+    """A BatchWriter of the test's group, on a pool of one connection."""
     producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap, enable_idempotence=False)
     await producer.start()
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1, **pool_options)
     try:
         yield BatchWriter(pool, topics.group, DeadLetterPublisher(producer, topics.dlq))
     finally:
         await pool.close()
         await producer.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def writer(database_url: str, topics: Topics) -> AsyncIterator[BatchWriter]:
+    """A BatchWriter of a fresh group, on a pool of one connection."""
+    async with one_connection_writer(database_url, topics) as w:
+        yield w
 
 
 def items(topic: str, *events: dict[str, Any]) -> list[Item]:
@@ -138,14 +148,70 @@ async def test_plans_are_discarded_once_per_interval_per_session_not_per_batch(
             lambda q: discards.append(q.query) if q.query == "DISCARD PLANS" else None
         )
 
-    producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap, enable_idempotence=False)
-    await producer.start()
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1, init=watch)
-    try:
-        w = BatchWriter(pool, topics.group, DeadLetterPublisher(producer, topics.dlq))
+    async with one_connection_writer(database_url, topics, init=watch) as w:
         for _ in range(5):
             await write(w, topics, *call_events(uuid.uuid4(), T0))
-    finally:
-        await pool.close()
-        await producer.stop()
     assert discards == ["DISCARD PLANS"]
+
+
+class _WatchedConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A real connection that notes how each batch stored its events."""
+
+    ways: list[str]
+
+    async def copy_records_to_table(self, table_name: str, **kw: Any) -> str:
+        if table_name == "call_events":
+            self.ways.append("copy")
+        return await super().copy_records_to_table(table_name, **kw)
+
+    async def execute(self, query: str, *args: Any, **kw: Any) -> str:
+        if query.lstrip().startswith("INSERT INTO call_events"):
+            self.ways.append("insert")
+        return await super().execute(query, *args, **kw)
+
+    async def fetch(self, query: str, *args: Any, **kw: Any) -> list[asyncpg.Record]:
+        if query.lstrip().startswith("INSERT INTO call_events"):
+            self.ways.append("insert returning")
+        return await super().fetch(query, *args, **kw)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def watched(
+    database_url: str, topics: Topics
+) -> AsyncIterator[tuple[BatchWriter, list[str]]]:
+    """A BatchWriter whose one connection notes how events were stored."""
+    ways: list[str] = []
+    _WatchedConnection.ways = ways
+    async with one_connection_writer(
+        database_url, topics, connection_class=_WatchedConnection
+    ) as w:
+        yield w, ways
+
+
+async def test_fresh_events_are_stored_by_copy_alone(watched, topics):
+    w, ways = watched
+    result = await write(w, topics, *call_events(uuid.uuid4(), T0))
+    assert (ways, result.duplicates) == (["copy"], 0)
+
+
+async def test_a_stored_repeat_fails_the_copy_and_the_insert_drops_it(watched, topics):
+    w, ways = watched
+    evs = call_events(uuid.uuid4(), T0)
+    await write(w, topics, *evs[:2])
+    ways.clear()
+    result = await write(w, topics, *evs[1:])
+    assert (ways, len(result.written), result.duplicates) == (
+        ["copy", "insert returning"],
+        len(evs) - 2,
+        1,
+    )
+
+
+async def test_after_stored_repeats_the_next_batches_go_by_insert_without_a_copy(watched, topics):
+    w, ways = watched
+    evs = call_events(uuid.uuid4(), T0)
+    await write(w, topics, evs[0])
+    await write(w, topics, *evs[:2])
+    ways.clear()
+    result = await write(w, topics, *call_events(uuid.uuid4(), T0))
+    assert (ways, result.duplicates) == (["insert"], 0)
