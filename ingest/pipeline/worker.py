@@ -384,7 +384,8 @@ class Worker:
         await src.commit(result.positions)
         self._record(items, result, took, time.perf_counter() - t_commit)
         dead = {dl.ref for dl in result.dead_letters}
-        if self.breaker.record([i.ref in dead for i in items], time.monotonic()):
+        outcomes = [i.ref in dead for i in items] if dead else [False] * len(items)
+        if self.breaker.record(outcomes, time.monotonic()):
             self._open_breaker()
 
     def _follow_reset(self, positions: dict[tuple[str, int], int], items: list[Item]) -> list[Item]:
@@ -444,9 +445,9 @@ class Worker:
         metrics.EVENTS_FENCED.inc(result.fenced)
         metrics.CALLS_TERMINATED.inc(result.terminated)
         now = time.time()
-        observe = metrics.EVENT_FRESHNESS_SECONDS.observe
-        for e in result.written:
-            observe(max(0.0, now - e.created_at.timestamp()))
+        metrics.EVENT_FRESHNESS_SECONDS.observe_many(
+            [max(0.0, now - e.created_at.timestamp()) for e in result.written]
+        )
         for dl in result.dead_letters:
             metrics.EVENTS_DEAD_LETTERED.labels(dl.reason).inc()
             log.warning(

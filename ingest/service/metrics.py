@@ -6,11 +6,68 @@ reasons from ``deadletter.REASONS``, SQLSTATE classes from ``policy.sqlstate_cla
 
 from __future__ import annotations
 
+import math
+import threading
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ingest import __version__
+
+
+class BatchHistogram(Collector):
+    """A histogram observed a batch of values at a time (exported like ``Histogram``).
+
+    ``Histogram.observe`` takes a lock and walks the buckets in Python for each value; one
+    call per stored event cost about 1.3 us of the worker's CPU per event. Here a batch is
+    counted with C-level bisection and added under the lock once."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = [float(b) for b in buckets]
+        if self._bounds[-1] != math.inf:
+            self._bounds.append(math.inf)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        """Count each value in its bucket (``le``: the least upper bound not below it)."""
+        bounds = self._bounds
+        values = list(values)
+        tally = Tally(bisect_left(bounds, v) for v in values)
+        total = sum(values)
+        with self._lock:
+            for i, n in tally.items():
+                self._counts[i] += n
+            self._sum += total
+
+    def collect(self) -> Iterator[Metric]:
+        """The cumulative buckets, count and sum, as Prometheus expects them."""
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, running = [], 0
+        for bound, n in zip(self._bounds, counts, strict=True):
+            running += n
+            cumulative.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
+        yield HistogramMetricFamily(
+            self._name, self._documentation, buckets=cumulative, sum_value=total
+        )
+
 
 EVENTS_CONSUMED: Final = Counter("ingest_events_consumed", "Records read from Kafka.", ["topic"])
 EVENTS_WRITTEN: Final = Counter("ingest_events_written", "Events stored in call_events.")
@@ -34,7 +91,7 @@ BATCH_WRITE_SECONDS: Final = Histogram(
     "Time to store one batch, transaction and dead letters included.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-EVENT_FRESHNESS_SECONDS: Final = Histogram(
+EVENT_FRESHNESS_SECONDS: Final = BatchHistogram(
     "ingest_event_freshness_seconds",
     "Commit time minus the event's created_at.",
     # Fine below 2 s, where a healthy pipeline lives (p99 target 1 s); coarse above, for
