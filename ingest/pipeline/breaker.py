@@ -48,7 +48,9 @@ class DeadLetterBreaker:
             n, d = self._batches.popleft()
             self._records -= n
             self._dead -= d
-        for is_dead in outcomes:
+        if not dead:
+            self._consecutive = 0
+        for is_dead in outcomes if dead else ():
             self._consecutive = self._consecutive + 1 if is_dead else 0
             if self._consecutive >= self.max_consecutive:
                 return self._open(now, f"{self._consecutive} dead letters in a row")

@@ -278,11 +278,14 @@ class BatchWriter:
     async def _write_in(
         self, conn: asyncpg.Connection, items: Sequence[Item], result: WriteResult
     ) -> WriteResult:
-        positions = await self._lock_positions(conn, items)
+        first, last = _spans(items)
+        positions = await self._lock_positions(conn, sorted(first))
         moved = {k: p for k, p in positions.items() if p < self._reading_from.get(k, p)}
         if moved:
             raise PositionsMovedBack(moved)
-        live = [i for i in items if i.ref.offset >= positions[(i.ref.topic, i.ref.partition)]]
+        live = items
+        if any(first[k] < p for k, p in positions.items()):
+            live = [i for i in items if i.ref.offset >= positions[(i.ref.topic, i.ref.partition)]]
         result.fenced = len(items) - len(live)
 
         events: list[Item] = []
@@ -310,9 +313,8 @@ class BatchWriter:
 
         await self._publisher.publish(result.dead_letters)
 
-        result.positions = self._next_positions(items, positions)
+        result.positions = {k: max(p, last[k].ref.offset + 1) for k, p in positions.items()}
         keys = sorted(result.positions)
-        last = _last_records(items)
         await conn.execute(
             _ADVANCE_POSITIONS,
             self._group,
@@ -324,46 +326,35 @@ class BatchWriter:
         return result
 
     async def _lock_positions(
-        self, conn: asyncpg.Connection, items: Sequence[Item]
+        self, conn: asyncpg.Connection, keys: list[TopicPartitionKey]
     ) -> dict[TopicPartitionKey, int]:
-        keys = sorted({(i.ref.topic, i.ref.partition) for i in items})
         rows = await conn.fetch(
             _LOCK_POSITIONS, self._group, [k[0] for k in keys], [k[1] for k in keys]
         )
         return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
 
     @staticmethod
-    def _next_positions(
-        items: Sequence[Item], stored: dict[TopicPartitionKey, int]
-    ) -> dict[TopicPartitionKey, int]:
-        nxt = dict(stored)
-        for i in items:
-            k = (i.ref.topic, i.ref.partition)
-            nxt[k] = max(nxt[k], i.ref.offset + 1)
-        return nxt
-
-    @staticmethod
     async def _drop_orphans(
         conn: asyncpg.Connection, events: list[Item], result: WriteResult
     ) -> tuple[list[Item], set[UUID]]:
         """Dead-letter unknown agents and calls; return the rest and the calls that exist."""
+        evs = [_event(i) for i in events]
         agent_ids = {
             e.initiation.agent_id
-            for e in map(_event, events)
+            for e in evs
             if e.initiation is not None and e.initiation.agent_id is not None
         }
         known_agents: set[UUID] = set()
         if agent_ids:
             known_agents = {r["id"] for r in await conn.fetch(_EXISTING_AGENTS, list(agent_ids))}
-        call_ids = {e.call_id for e in map(_event, events)}
+        call_ids = {e.call_id for e in evs}
         existing: set[UUID] = set()
         if call_ids:
             existing = {r["id"] for r in await conn.fetch(_EXISTING_CALLS, list(call_ids))}
         known_calls = set(existing)
 
         kept: list[Item] = []
-        for item in events:
-            e = _event(item)
+        for item, e in zip(events, evs, strict=True):
             if e.initiation is not None:
                 agent = e.initiation.agent_id
                 if agent is not None and agent not in known_agents:
@@ -550,6 +541,8 @@ class _AlreadyStored(Exception):
 def _drop_batch_repeats(events: list[Item]) -> tuple[list[Item], dict[EventKey, list[Item]]]:
     """Drop later copies of an event key within the batch (first wins); return the rest and
     the dropped copies by key."""
+    if len({i.decoded.id for i in events}) == len(events):  # type: ignore[union-attr]
+        return events, {}  # distinct ids: no key repeats (the common case, checked cheaply)
     seen: set[EventKey] = set()
     unique: list[Item] = []
     repeats: dict[EventKey, list[Item]] = {}
@@ -683,14 +676,25 @@ def _repeats_of_rejected(
     return out
 
 
-def _last_records(items: Sequence[Item]) -> dict[TopicPartitionKey, Item]:
-    """The item with the highest offset per partition (the record below its new position)."""
+def _spans(
+    items: Sequence[Item],
+) -> tuple[dict[TopicPartitionKey, int], dict[TopicPartitionKey, Item]]:
+    """Per partition of the batch, in one pass: its lowest offset, and the item with the
+    highest (the record just below the partition's new position)."""
+    first: dict[TopicPartitionKey, int] = {}
     last: dict[TopicPartitionKey, Item] = {}
     for i in items:
-        k = (i.ref.topic, i.ref.partition)
-        if k not in last or last[k].ref.offset < i.ref.offset:
+        ref = i.ref
+        k = (ref.topic, ref.partition)
+        top = last.get(k)
+        if top is None:
+            first[k] = ref.offset
             last[k] = i
-    return last
+        elif ref.offset > top.ref.offset:
+            last[k] = i
+        elif ref.offset < first[k]:
+            first[k] = ref.offset
+    return first, last
 
 
 def _event(item: Item) -> CallEvent:
