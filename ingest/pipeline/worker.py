@@ -38,9 +38,12 @@ STANDING_LOG_EVERY_S = 60.0
 STANDING_RETRY_MIN_S = 5.0
 PING_EVERY_S = 5
 CLOSE_RESERVE_S = 3.0
-# Records decoded between two returns to the event loop: decoding is CPU work, and the
-# write in flight makes progress only when the loop runs (each of its round trips waits).
+# Records asked of the consumer per poll.
 FETCH_CHUNK = 500
+# Records decoded between two returns to the event loop: decoding is CPU work, and the write
+# in flight makes progress only when the loop runs (each of its dozen round trips waits for
+# a turn). A poll answered from aiokafka's buffer does not return to the loop at all.
+DECODE_SLICE = 100
 # A write in flight longer than this pauses the partitions (backpressure).
 PAUSE_AFTER_S = 2.0
 # How the worker's sessions show in pg_stat_activity.
@@ -283,7 +286,9 @@ class Worker:
             await src.recheck_held()
             self.health.positions_mismatch = src.held_reason()
             self.health.stalled = [stall.describe() for stall in src.stalls.values()]
-            self._take_in(records)
+            for start in range(0, len(records), DECODE_SLICE):
+                self._take_in(records[start : start + DECODE_SLICE])
+                await asyncio.sleep(0)
             if self._batch.ready():
                 # One write in flight at a time: the next batch is fetched and decoded while
                 # the current one is written, then waits for it.
