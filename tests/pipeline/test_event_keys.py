@@ -149,9 +149,11 @@ async def test_plans_are_discarded_once_per_interval_per_session_not_per_batch(
         )
 
     async with one_connection_writer(database_url, topics, init=watch) as w:
-        for _ in range(5):
+        for _ in range(10):
             await write(w, topics, *call_events(uuid.uuid4(), T0))
-    assert discards == ["DISCARD PLANS"]
+    # Re-planned at the first batch, then after half the session's age (tests/unit/pipeline/
+    # test_replan.py): a few times in ten quick batches, never once per batch.
+    assert 1 <= len(discards) < 10
 
 
 class _WatchedConnection(asyncpg.Connection):  # type: ignore[misc]
