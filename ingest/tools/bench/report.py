@@ -155,7 +155,13 @@ def _server_rows(srv: Server, read_eps: float) -> list[Row]:
             value = f"{q.median_ms:,.1f} ms" if q.median_ms is not None else "failed"
             detail = q.error or f"median of {len(q.runs_ms)} runs"
             rows.append((f"    query {q.file}", value, detail))
-        rows.append(("    database ceiling", f"{st.ceiling_eps:,.0f} ev/s", "same-work, other ids"))
+        rows.append(
+            (
+                "    database ceiling",
+                f"{st.ceiling_eps:,.0f} ev/s",
+                "same-work, other ids, best run",
+            )
+        )
         for d in st.drains:
             rows += _drain_row(d, st, empty, read_eps)
         if "compressed" in st.name and srv.compression is not None:
