@@ -351,11 +351,13 @@ class Worker:
         assert writer is not None
         backoff = Backoff(cap_s=self.settings.retry_max_backoff_s)
         self._idle.clear()
+        partitions = {(i.ref.topic, i.ref.partition) for i in items}
         try:
             while True:
                 owned = {(tp.topic, tp.partition) for tp in src.owned()}
-                if any((i.ref.topic, i.ref.partition) not in owned for i in items):
+                if not partitions <= owned:
                     items = [i for i in items if (i.ref.topic, i.ref.partition) in owned]
+                    partitions &= owned
                 if not items:
                     return
                 started = time.perf_counter()
