@@ -4,7 +4,6 @@ and gives the known answers of a small known dataset."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import uuid
@@ -18,6 +17,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
+from ingest.tools.bench.history import pause_lifecycle_jobs
 from ingest.tools.migrate import Migrator, discover, schema_dir
 from tests.conftest import (
     TEST_DATABASE_URL,
@@ -127,14 +127,10 @@ async def _load(url: str, server: str) -> Loaded:
     conn = await asyncpg.connect(url)
     try:
         await Migrator(conn, discover()).up()
-        if server != "postgres":
-            # The policies' background jobs (compress the 10-day-old chunk, refresh the
-            # aggregate) would race the test's own compression and refresh and its
-            # assertions: the test does both itself.
-            await conn.execute(
-                "SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs "
-                "WHERE hypertable_name IN ('call_events', 'call_events_hourly')"
-            )
+        # The policies' background jobs (compress the 10-day-old chunk, refresh the
+        # aggregate) would race the test's own compression and refresh and its assertions:
+        # the test does both itself.
+        await pause_lifecycle_jobs(conn)
         agent = await conn.fetchval(
             "INSERT INTO agents (name, voice_model, context_prompt) "
             "VALUES ('Ava', 'v1', 'be kind') RETURNING id"
@@ -166,19 +162,10 @@ async def _load(url: str, server: str) -> Loaded:
         if server == "timescaledb-compressed":
             await conn.execute("SELECT compress_chunk(c) FROM show_chunks('call_events') c")
             # Hours before h0 - 2h materialized, the later ones from real-time aggregation.
-            for attempt in range(50):
-                try:
-                    await conn.execute(
-                        "CALL refresh_continuous_aggregate('call_events_hourly', NULL, "
-                        "$1::timestamptz)",
-                        h0 - timedelta(hours=2),
-                    )
-                    break
-                except asyncpg.LockNotAvailableError:
-                    # A policy run that started before it was unscheduled is finishing.
-                    if attempt == 49:
-                        raise
-                    await asyncio.sleep(0.2)
+            await conn.execute(
+                "CALL refresh_continuous_aggregate('call_events_hourly', NULL, $1::timestamptz)",
+                h0 - timedelta(hours=2),
+            )
     finally:
         await conn.close()
     return Loaded(url, server, h0, calls, ids)

@@ -11,6 +11,7 @@ import sys
 import asyncpg
 import pytest
 
+from ingest.tools.bench.history import pause_lifecycle_jobs
 from ingest.tools.migrate import Migrator, discover
 
 LIFECYCLE = "0004"
@@ -76,6 +77,8 @@ async def test_the_hourly_aggregate_keeps_hours_whose_chunks_retention_dropped(
     conn = await asyncpg.connect(timescale_empty_url)
     try:
         await Migrator(conn, discover(), retention="10 days").up()
+        # The test runs the policies itself; a scheduled run would race its steps.
+        await pause_lifecycle_jobs(conn)
         call = await conn.fetchval(
             "INSERT INTO calls (from_number, to_number, created_at) "
             "VALUES ('+15550001', '+15550002', now() - interval '12 days') RETURNING id"

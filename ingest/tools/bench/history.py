@@ -10,6 +10,7 @@ it. Each run removes only what it added (everything at or after the corpus start
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import time
@@ -273,17 +274,31 @@ async def is_hypertable(url: str) -> bool:
         await conn.close()
 
 
-async def pause_lifecycle_jobs(conn: asyncpg.Connection) -> None:
-    """Unschedule compression and retention jobs on call_events: the bench compresses
-    exactly the chunks it means to, and a policy measured against today's clock would
-    otherwise compress (or drop) history, and the corpus, in the middle of a drain."""
+async def pause_lifecycle_jobs(conn: asyncpg.Connection, timeout_s: float = 60) -> None:
+    """Unschedule the policies' jobs on call_events and its aggregate, and wait out a run
+    that had already started: the bench compresses exactly the chunks it means to and
+    refreshes the aggregate itself; a policy measured against today's clock would otherwise
+    compress (or drop) history, and the corpus, in the middle of a drain, and a refresh
+    policy run makes the bench's own refresh fail ("due to a concurrent refresh")."""
     if not await _has_timescaledb(conn):
         return
-    await conn.execute(
-        "SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs "
-        "WHERE hypertable_name = 'call_events' "
-        "AND proc_name IN ('policy_compression', 'policy_retention')"
-    )
+    jobs = [
+        r["job_id"]
+        for r in await conn.fetch(
+            "SELECT job_id FROM timescaledb_information.jobs "
+            "WHERE hypertable_name IN ('call_events', 'call_events_hourly')"
+        )
+    ]
+    await conn.execute("SELECT alter_job(j, scheduled => false) FROM unnest($1::int[]) AS j", jobs)
+    deadline = time.monotonic() + timeout_s
+    while await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM timescaledb_information.job_stats "
+        "WHERE job_id = ANY($1::int[]) AND job_status = 'Running')",
+        jobs,
+    ):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"a TimescaleDB policy job still runs after {timeout_s:.0f} s")
+        await asyncio.sleep(0.2)
 
 
 async def _refresh_aggregates(conn: asyncpg.Connection, until: datetime) -> None:
