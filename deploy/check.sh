@@ -155,6 +155,7 @@ suffixes = {
     "Counter": ["_total"],
     "Gauge": [""],
     "Histogram": ["", "_bucket", "_sum", "_count"],
+    "BatchHistogram": ["", "_bucket", "_sum", "_count"],
     "Summary": ["", "_sum", "_count"],
     "Info": ["_info"],
 }
