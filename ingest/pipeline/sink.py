@@ -320,8 +320,6 @@ class BatchWriter:
         copy = self._insert_only_batches == 0
         self._insert_only_batches = max(0, self._insert_only_batches - 1)
         stored = await self._store(conn, events, existing_calls, copy=copy)
-        if stored.repeats or stored.repeats_seen:
-            self._insert_only_batches = INSERT_ONLY_AFTER_REPEATS
         result.terminated = stored.terminated
         result.duplicates += stored.repeats
         result.dead_letters.extend(stored.rejected)
@@ -410,11 +408,10 @@ class BatchWriter:
                 )
         except _HoldsRepeats:
             # Rolled back: some events were stored before; insert again, learning which.
-            again = await self._store(conn, items, existing_calls, find_repeats=True)
-            # Counted even when none is found now (a concurrent writer's row that a failed
-            # COPY saw and then rolled back): the next batches skip the COPY either way.
-            again.repeats_seen = True
-            return again
+            # The next batches skip the COPY, even when none is found now (a concurrent
+            # writer's row that a failed COPY saw and then rolled back).
+            self._insert_only_batches = INSERT_ONLY_AFTER_REPEATS
+            return await self._store(conn, items, existing_calls, find_repeats=True)
         except _AlreadyStored as exc:
             # Rolled back: a stored repeat changed what the batch does to a call begun in it.
             rest = [i for i in items if _key(_event(i)) not in exc.keys]
@@ -435,7 +432,6 @@ class BatchWriter:
                 a.rejected + b.rejected,
                 a.terminated + b.terminated,
                 a.repeats + b.repeats,
-                a.repeats_seen or b.repeats_seen,
             )
         return _Stored(inserted, [], terminated, len(items) - len(inserted))
 
@@ -539,7 +535,6 @@ class _Stored:
     rejected: list[DeadLetter] = field(default_factory=list)
     terminated: int = 0
     repeats: int = 0
-    repeats_seen: bool = False
 
 
 class _HoldsRepeats(Exception):
