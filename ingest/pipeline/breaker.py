@@ -49,11 +49,12 @@ class DeadLetterBreaker:
             self._records -= n
             self._dead -= d
         if not dead:
-            self._consecutive = 0
-        for is_dead in outcomes if dead else ():
-            self._consecutive = self._consecutive + 1 if is_dead else 0
-            if self._consecutive >= self.max_consecutive:
-                return self._open(now, f"{self._consecutive} dead letters in a row")
+            self._consecutive = 0  # a batch without dead letters needs no walk
+        else:
+            for is_dead in outcomes:
+                self._consecutive = self._consecutive + 1 if is_dead else 0
+                if self._consecutive >= self.max_consecutive:
+                    return self._open(now, f"{self._consecutive} dead letters in a row")
         if self._records >= self.min_records and self._dead / self._records > self.max_ratio:
             return self._open(
                 now, f"{self._dead} of the last {self._records} records dead-lettered"
