@@ -23,7 +23,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from ingest.pipeline.deadletter import header_map
+from ingest.pipeline.deadletter import DeadLetterPublisher, header_map
+from ingest.pipeline.sink import BatchWriter
 from ingest.pipeline.worker import Worker
 from ingest.service.settings import Settings
 
@@ -257,6 +258,21 @@ async def drained(db: asyncpg.Pool, t: Topics, pub: Published, timeout_s: float 
 
 
 # ----------------------------------------------------------------------------- workers
+
+
+@contextlib.asynccontextmanager
+async def one_connection_writer(
+    database_url: str, topics: Topics, **pool_options: Any
+) -> AsyncIterator[BatchWriter]:
+    """A BatchWriter of the test's group, on a pool of one connection."""
+    producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap, enable_idempotence=False)
+    await producer.start()
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1, **pool_options)
+    try:
+        yield BatchWriter(pool, topics.group, DeadLetterPublisher(producer, topics.dlq))
+    finally:
+        await pool.close()
+        await producer.stop()
 
 
 @contextlib.asynccontextmanager

@@ -3,7 +3,6 @@ a real PostgreSQL server, dead letters on a real broker."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import uuid
 from collections.abc import AsyncIterator
@@ -13,30 +12,13 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest_asyncio
-from aiokafka import AIOKafkaProducer
 
 from ingest.pipeline.contract import RecordRef, decode
-from ingest.pipeline.deadletter import DeadLetterPublisher
 from ingest.pipeline.sink import BatchWriter, Item, WriteResult
-from tests.support import Topics, call_events, event
+from tests.support import Topics, call_events, event, one_connection_writer
 
 T0 = datetime(2026, 2, 1, 9, 0, tzinfo=UTC)
 _offsets = itertools.count()
-
-
-@contextlib.asynccontextmanager
-async def one_connection_writer(
-    database_url: str, topics: Topics, **pool_options: Any
-) -> AsyncIterator[BatchWriter]:
-    """A BatchWriter of the test's group, on a pool of one connection."""
-    producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap, enable_idempotence=False)
-    await producer.start()
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1, **pool_options)
-    try:
-        yield BatchWriter(pool, topics.group, DeadLetterPublisher(producer, topics.dlq))
-    finally:
-        await pool.close()
-        await producer.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")

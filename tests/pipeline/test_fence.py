@@ -12,8 +12,7 @@ import orjson
 
 from ingest.pipeline.contract import RecordRef, decode
 from ingest.pipeline.sink import Item
-from tests.pipeline.test_event_keys import one_connection_writer
-from tests.support import Topics, event
+from tests.support import Topics, event, one_connection_writer
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
