@@ -104,6 +104,9 @@ class EventSource:
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
             max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+            # Set, not left to follow the session timeout: the broker may hold a JoinGroup
+            # this long, and the request timeout is checked against it (settings).
+            rebalance_timeout_ms=settings.kafka_rebalance_timeout_ms,
             # The broker answers a fetch after this long even with little data: it bounds
             # how stale a record can get before it reaches a batch.
             fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,

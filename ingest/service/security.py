@@ -3,6 +3,7 @@
 ``sslmode`` (and ``sslrootcert``...) in ``DATABASE_URL`` work as asyncpg reads them; the
 explicit ``DATABASE_SSL_*`` settings, when given, build an SSL context instead. Kafka
 speaks PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512).
+The options of every Kafka client also carry the timeouts that notice a dead connection.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def postgres_ssl(settings: Settings) -> ssl.SSLContext | None:
 
 
 def kafka_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for every aiokafka client (consumer, producer, admin)."""
+    """Keyword arguments for every aiokafka client (consumer, producer, admin): transport
+    security, and the timeouts that notice a dead connection (``kafka_timeouts``)."""
     protocol = settings.kafka_security_protocol
-    opts: dict[str, Any] = {"security_protocol": protocol}
+    opts: dict[str, Any] = {"security_protocol": protocol, **kafka_timeouts(settings)}
     if protocol in ("SSL", "SASL_SSL"):
         opts["ssl_context"] = create_ssl_context(
             cafile=settings.kafka_ssl_ca_file,
@@ -49,6 +51,21 @@ def kafka_options(settings: Settings) -> dict[str, Any]:
         opts["sasl_plain_username"] = settings.kafka_sasl_username
         opts["sasl_plain_password"] = settings.kafka_sasl_password
     return opts
+
+
+def kafka_timeouts(settings: Settings) -> dict[str, Any]:
+    """How soon an aiokafka client gives up on a connection that carries nothing more (a
+    lost NAT entry, a hung middlebox: no RST, no FIN).
+
+    A request unanswered after ``request_timeout_ms`` fails and aiokafka closes its
+    connection, so the next request opens a new one. A connection idle for
+    ``connections_max_idle_ms`` is closed before its next use, so the dead-letter
+    producer's, frozen while idle, is not found dead only a request timeout later, after
+    the fetch connection has been."""
+    return {
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
+        "connections_max_idle_ms": settings.kafka_connections_max_idle_ms,
+    }
 
 
 async def kafka_tls_failure(

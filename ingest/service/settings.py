@@ -70,6 +70,9 @@ class Settings:
     kafka_heartbeat_interval_ms: int = 3_000
     kafka_max_poll_interval_ms: int = 300_000
     kafka_fetch_max_wait_ms: int = 100
+    kafka_request_timeout_ms: int = 15_000
+    kafka_rebalance_timeout_ms: int = 10_000
+    kafka_connections_max_idle_ms: int = 10_000
     batch_max_events: int = 5_000
     batch_max_wait_ms: int = 200
     http_port: int = 8080
@@ -163,6 +166,17 @@ class Settings:
             kafka_fetch_max_wait_ms=get(
                 "KAFKA_FETCH_MAX_WAIT_MS", _int(0, 60_000), "kafka_fetch_max_wait_ms"
             ),
+            kafka_request_timeout_ms=get(
+                "KAFKA_REQUEST_TIMEOUT_MS", _int(1_000, 3_600_000), "kafka_request_timeout_ms"
+            ),
+            kafka_rebalance_timeout_ms=get(
+                "KAFKA_REBALANCE_TIMEOUT_MS", _int(1_000, 3_600_000), "kafka_rebalance_timeout_ms"
+            ),
+            kafka_connections_max_idle_ms=get(
+                "KAFKA_CONNECTIONS_MAX_IDLE_MS",
+                _int(1_000, 86_400_000),
+                "kafka_connections_max_idle_ms",
+            ),
             batch_max_events=get("INGEST_BATCH_MAX_EVENTS", _int(1, 100_000), "batch_max_events"),
             batch_max_wait_ms=get("INGEST_BATCH_MAX_WAIT_MS", _int(1, 60_000), "batch_max_wait_ms"),
             http_port=get("INGEST_HTTP_PORT", _int(0, 65_535), "http_port"),
@@ -216,6 +230,7 @@ class Settings:
             raise ConfigError(
                 "KAFKA_HEARTBEAT_INTERVAL_MS must be lower than KAFKA_SESSION_TIMEOUT_MS"
             )
+        _check_kafka_timeouts(s)
         if s.retention != "off" and interval_seconds(s.retention) < _DAY:
             # The hourly aggregate's refresh looks back half the retention: at least 12 hours.
             raise ConfigError(f"INGEST_RETENTION must be at least 1 day, got {s.retention!r}")
@@ -231,6 +246,36 @@ class Settings:
         if s.kafka_dlq_topic in s.kafka_topics:
             raise ConfigError("KAFKA_DLQ_TOPIC must not be one of KAFKA_TOPICS")
         return s
+
+
+# What a Kafka request may take beyond the longest the broker may hold it on purpose: the
+# trip there and back, and the broker's own work (Kafka's Java client gives a JoinGroup its
+# rebalance timeout plus 5 s the same way).
+KAFKA_RESPONSE_MARGIN_MS = 5_000
+
+
+def _check_kafka_timeouts(s: Settings) -> None:
+    """A request timeout shorter than what the broker may legitimately take would drop
+    healthy connections: a JoinGroup is held until every member rejoined or the rebalance
+    timeout ends, a fetch until data comes or KAFKA_FETCH_MAX_WAIT_MS ends. And a revocation
+    may wait INGEST_REBALANCE_TIMEOUT_S for the write in flight before this member rejoins."""
+    margin = KAFKA_RESPONSE_MARGIN_MS
+    for name, held_ms in (
+        ("KAFKA_REBALANCE_TIMEOUT_MS", s.kafka_rebalance_timeout_ms),
+        ("KAFKA_FETCH_MAX_WAIT_MS", s.kafka_fetch_max_wait_ms),
+    ):
+        if s.kafka_request_timeout_ms < held_ms + margin:
+            raise ConfigError(
+                f"KAFKA_REQUEST_TIMEOUT_MS ({s.kafka_request_timeout_ms}) must be at least "
+                f"{margin} more than {name} ({held_ms}): the broker may hold a request "
+                f"that long before it answers"
+            )
+    if s.kafka_rebalance_timeout_ms < s.rebalance_timeout_s * 1000:
+        raise ConfigError(
+            f"KAFKA_REBALANCE_TIMEOUT_MS ({s.kafka_rebalance_timeout_ms}) must not be shorter "
+            f"than INGEST_REBALANCE_TIMEOUT_S ({s.rebalance_timeout_s:g} s): a revocation may "
+            f"wait that long for the write in flight before the member rejoins"
+        )
 
 
 def _value(env: Mapping[str, str], name: str) -> str | None:

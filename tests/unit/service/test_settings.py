@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ingest.service.settings import ConfigError, Settings, redact_url
+from ingest.service.settings import KAFKA_RESPONSE_MARGIN_MS, ConfigError, Settings, redact_url
 
 URL = "postgresql://ingest@db:5432/calls"
 SECRET_URL = "postgresql://ingest:s3cret@db:5432/calls?sslmode=require"
@@ -233,6 +233,103 @@ def test_dlq_topic_must_not_be_a_source_topic() -> None:
     message = config_error({"DATABASE_URL": URL, "KAFKA_TOPICS": "a,b", "KAFKA_DLQ_TOPIC": "b"})
 
     assert message.startswith("KAFKA_DLQ_TOPIC")
+
+
+# --- Kafka client timeouts ------------------------------------------------------------------
+
+
+def test_kafka_timeouts_default_to_noticing_a_dead_connection_within_seconds() -> None:
+    s = load()
+
+    assert s.kafka_request_timeout_ms == 15_000
+    assert s.kafka_rebalance_timeout_ms == 10_000
+    assert s.kafka_connections_max_idle_ms == 10_000
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "attr", "expected"),
+    [
+        ("KAFKA_REQUEST_TIMEOUT_MS", "30000", "kafka_request_timeout_ms", 30_000),
+        ("KAFKA_CONNECTIONS_MAX_IDLE_MS", "540000", "kafka_connections_max_idle_ms", 540_000),
+        ("KAFKA_CONNECTIONS_MAX_IDLE_MS", "1000", "kafka_connections_max_idle_ms", 1_000),
+    ],
+)
+def test_each_kafka_timeout_is_parsed(variable: str, raw: str, attr: str, expected: int) -> None:
+    assert getattr(load(**{variable: raw}), attr) == expected
+
+
+def test_rebalance_timeout_is_parsed_with_a_request_timeout_that_outlasts_it() -> None:
+    s = load(KAFKA_REBALANCE_TIMEOUT_MS="60000", KAFKA_REQUEST_TIMEOUT_MS="65000")
+
+    assert (s.kafka_rebalance_timeout_ms, s.kafka_request_timeout_ms) == (60_000, 65_000)
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("KAFKA_REQUEST_TIMEOUT_MS", "999"),
+        ("KAFKA_REQUEST_TIMEOUT_MS", "3600001"),
+        ("KAFKA_REQUEST_TIMEOUT_MS", "15s"),
+        ("KAFKA_REBALANCE_TIMEOUT_MS", "999"),
+        ("KAFKA_REBALANCE_TIMEOUT_MS", "3600001"),
+        ("KAFKA_CONNECTIONS_MAX_IDLE_MS", "999"),
+        ("KAFKA_CONNECTIONS_MAX_IDLE_MS", "86400001"),
+        ("KAFKA_CONNECTIONS_MAX_IDLE_MS", "never"),
+    ],
+)
+def test_bad_kafka_timeout_raises_config_error_naming_it(variable: str, raw: str) -> None:
+    assert config_error({"DATABASE_URL": URL, variable: raw}).startswith(variable)
+
+
+def test_request_timeout_must_outlast_the_rebalance_timeout_by_the_margin() -> None:
+    # The broker may hold a JoinGroup until the rebalance timeout: a request timeout that
+    # ends first would drop the coordinator connection in the middle of every rebalance.
+    message = config_error(
+        {
+            "DATABASE_URL": URL,
+            "KAFKA_REBALANCE_TIMEOUT_MS": "10000",
+            "KAFKA_REQUEST_TIMEOUT_MS": str(10_000 + KAFKA_RESPONSE_MARGIN_MS - 1),
+        }
+    )
+
+    assert message.startswith("KAFKA_REQUEST_TIMEOUT_MS")
+    assert "KAFKA_REBALANCE_TIMEOUT_MS" in message
+
+
+def test_request_timeout_of_exactly_the_rebalance_timeout_and_the_margin_is_accepted() -> None:
+    s = load(KAFKA_REQUEST_TIMEOUT_MS=str(10_000 + KAFKA_RESPONSE_MARGIN_MS))
+
+    assert s.kafka_request_timeout_ms == 10_000 + KAFKA_RESPONSE_MARGIN_MS
+
+
+def test_request_timeout_must_outlast_the_fetch_wait_by_the_margin() -> None:
+    message = config_error(
+        {
+            "DATABASE_URL": URL,
+            "KAFKA_FETCH_MAX_WAIT_MS": "20000",
+            "KAFKA_REQUEST_TIMEOUT_MS": str(20_000 + KAFKA_RESPONSE_MARGIN_MS - 1),
+        }
+    )
+
+    assert message.startswith("KAFKA_REQUEST_TIMEOUT_MS")
+    assert "KAFKA_FETCH_MAX_WAIT_MS" in message
+
+
+def test_rebalance_timeout_must_cover_the_revocation_wait() -> None:
+    # A revocation waits up to INGEST_REBALANCE_TIMEOUT_S for the write in flight before
+    # the member sends its JoinGroup; the broker must wait for it at least that long.
+    message = config_error({"DATABASE_URL": URL, "INGEST_REBALANCE_TIMEOUT_S": "10.5"})
+
+    assert message.startswith("KAFKA_REBALANCE_TIMEOUT_MS")
+    assert "INGEST_REBALANCE_TIMEOUT_S" in message
+
+
+def test_a_longer_session_timeout_leaves_the_request_timeout_valid() -> None:
+    # The rebalance timeout is set on its own, not left to follow the session timeout as
+    # aiokafka would: a long session (static membership) needs no longer request timeout.
+    s = load(KAFKA_SESSION_TIMEOUT_MS="45000")
+
+    assert (s.kafka_session_timeout_ms, s.kafka_request_timeout_ms) == (45_000, 15_000)
 
 
 # --- *_FILE ---------------------------------------------------------------------------------
