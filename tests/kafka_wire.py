@@ -95,3 +95,32 @@ async def stored_codecs(bootstrap: str, topic: str, partition: int) -> list[str]
         batch = records.next_batch()
         codecs.append(CODECS[batch.compression_type])
     return codecs
+
+
+class RequestKeys:
+    """The API keys of the Kafka requests in a client's byte stream, fed as it comes (a
+    ``tests.faults.tcpfreeze.Watcher``). Each request is an int32 size, then the request:
+    its header starts with the int16 API key; the rest is skipped, not kept."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self._head = bytearray()
+        self._skip = 0
+
+    def feed(self, data: bytes) -> None:
+        """Take the next bytes of the stream."""
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                n = min(self._skip, len(view))
+                self._skip -= n
+                view = view[n:]
+                continue
+            n = min(6 - len(self._head), len(view))
+            self._head += view[:n]
+            view = view[n:]
+            if len(self._head) == 6:
+                size, api_key = struct.unpack(">ih", self._head)
+                self.seen.add(api_key)
+                self._skip = size - 2
+                self._head.clear()
