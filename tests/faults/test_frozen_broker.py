@@ -66,12 +66,16 @@ async def proxied_broker() -> AsyncIterator[FreezingProxy]:
             "KAFKA_BOOTSTRAP_SERVERS names an external one"
         )
     broker_port = free_port()
-    async with FreezingProxy("127.0.0.1", broker_port, watch=RequestKeys) as proxy:
-        broker = TansuBroker(port=broker_port, advertised=proxy.address)
-        await asyncio.to_thread(broker.start)
-        try:
+    broker: TansuBroker | None = None
+    try:
+        async with FreezingProxy("127.0.0.1", broker_port, watch=RequestKeys) as proxy:
+            broker = TansuBroker(port=broker_port, advertised=proxy.address)
+            await asyncio.to_thread(broker.start)
             yield proxy
-        finally:
+    finally:
+        # Stopped after the proxy has closed the frozen connections: with them open, Tansu
+        # did not end on SIGTERM and was killed after the 5 s its stop allows.
+        if broker is not None:
             await asyncio.to_thread(broker.stop)
 
 
