@@ -252,8 +252,8 @@ def _process_counts(raw: str) -> tuple[int, ...]:
     return counts
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``ingest bench``."""
+def parser() -> argparse.ArgumentParser:
+    """The options of ``ingest bench``."""
     p = argparse.ArgumentParser(prog="ingest bench", description=__doc__.split("\n")[0])
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--batch", type=int, default=5_000, help="the worker's default batch size")
@@ -302,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds before a drain is cut short (its row then says so)",
     )
     p.add_argument("--output", type=Path, default=Path("bench-results/latest.json"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ingest bench``."""
+    args = parser().parse_args(argv)
     if args.queries is None:
         args.queries = schema_dir() / "queries"
     with broker_or_env() as (bootstrap, broker):
