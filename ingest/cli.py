@@ -78,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     to.add_argument("--to-offset", type=int, help="this offset (must be in the log)")
     rs.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
     rs.add_argument(
-        "--force", action="store_true", help="even while the group has live members (README)"
+        "--force",
+        action="store_true",
+        help="even while the group has live members (docs/operations.md)",
     )
 
     sub.add_parser("report", help="calls by status, events by type, from the database")

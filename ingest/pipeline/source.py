@@ -300,7 +300,7 @@ class EventSource:
         metrics.PARTITIONS_STALLED.set(len(self.stalls))
         log.error(
             "record batch cannot be decoded: partition stopped at this offset; nothing "
-            "after it is read until an operator acts (see README, undecodable batches)",
+            "after it is read until an operator acts (see docs/operations.md, undecodable batches)",
             topic=tp.topic,
             partition=tp.partition,
             offset=offset,

@@ -300,7 +300,7 @@ async def reset(
         raise Refused(
             f"group {group} has {len(members)} live member(s) ({', '.join(members)}): stop "
             "the workers (scale to 0) and run again, or add --force to move the positions "
-            "under them (see the README)"
+            "under them (see docs/operations.md, positions)"
         )
     before = await positions.move(conn, group, topic, {m.partition: m.to for m in moves})
     result.moves = [Move(m.topic, m.partition, before[m.partition], m.to) for m in moves]

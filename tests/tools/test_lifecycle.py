@@ -99,7 +99,7 @@ async def test_the_hourly_aggregate_keeps_hours_whose_chunks_retention_dropped(
         }
         await conn.execute(f"CALL run_job({jobs['policy_retention']})")
         await conn.execute(f"CALL run_job({jobs['policy_refresh_continuous_aggregate']})")
-        # A manual refresh of the policy's whole window (what the README suggests after
+        # A manual refresh of the policy's whole window (what docs/timescaledb.md suggests after
         # late events) must not reach the dropped hours either.
         window = await conn.fetchval(
             "SELECT (config ->> 'start_offset')::interval FROM timescaledb_information.jobs "
