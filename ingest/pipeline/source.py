@@ -11,6 +11,12 @@ it that is not the one stored, means the topic is not the one the position was s
 (deleted and created again, another cluster). Such a partition is *held*: paused, named in
 one error with the ``ingest positions reset`` to run, and checked again every
 ``RECHECK_HELD_S`` until the stored position fits (after the reset) or it is revoked.
+
+A stored position below the log start (a retention gap: records deleted before they were
+stored) is held the same way by default; ``INGEST_ON_RETENTION_GAP=skip`` resumes at the
+log start instead, counted and said once. The gap is found on assignment, and while running
+when the broker answers a fetch with OFFSET_OUT_OF_RANGE (Apache Kafka does; Tansu 0.6
+serves the next records it holds instead, so there only the assignment check finds it).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +121,8 @@ class EventSource:
         self._kafka_options = kafka_options
         # Partitions whose stored position does not fit the topic: paused until it does.
         self.held: dict[TopicPartition, str] = {}
+        # The held partitions whose stored position is below the log start (retention gap).
+        self.gaps: set[TopicPartition] = set()
         self._held_checked_at = 0.0
 
         self.stalls: dict[TopicPartition, Stall] = {}
@@ -127,6 +135,9 @@ class EventSource:
         """Connect and subscribe (the group is joined on the first fetch)."""
         await self.consumer.start()
         self.consumer.subscribe(list(self._settings.kafka_topics), listener=_Listener(self))
+        for topic in self._settings.kafka_topics:
+            # Exported at 0 from the start: the first skip is then an increase alerts see.
+            metrics.OFFSET_RESETS.labels(topic)
 
     async def stop(self) -> None:
         """Leave the group and close connections."""
@@ -169,6 +180,9 @@ class EventSource:
             return []
         except OffsetOutOfRangeError as exc:
             tps = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+            if tps and self._settings.on_retention_gap == "hold":
+                await self._hold_out_of_range(tps)
+                return []
             for tp, offset in tps.items():
                 metrics.OFFSET_RESETS.labels(tp.topic).inc()
                 log.error(
@@ -384,6 +398,7 @@ class EventSource:
         if assigned:
             self.consumer.pause(*assigned)
         self.held = {tp: why for tp, why in self.held.items() if tp in assigned}
+        self.gaps &= assigned
         stored: dict[tuple[str, int], StoredPosition] = {}
         for attempt in range(5):
             try:
@@ -397,10 +412,12 @@ class EventSource:
             # database still drops anything already stored, so this costs time, not data.
             log.error("stored positions unavailable; starting from Kafka's committed offsets")
         mine = {tp: s for tp in assigned if (s := stored.get((tp.topic, tp.partition))) is not None}
-        await self._check_positions(mine, first=True)
+        skipped_to = await self._check_positions(mine, first=True)
         # Seek after the last await: a reset the fetch loop requested meanwhile (no Kafka
         # commit yet) would otherwise win over the stored position.
-        self.seek({(tp.topic, tp.partition): s.next_offset for tp, s in mine.items()})
+        self.seek(
+            {(tp.topic, tp.partition): skipped_to.get(tp, s.next_offset) for tp, s in mine.items()}
+        )
         if self._paused_by_us:
             # Still backing off: keep the new partitions paused too.
             self.pause()
@@ -408,7 +425,7 @@ class EventSource:
             self.consumer.resume(*runnable)
         self.joined = True
         metrics.PARTITIONS_ASSIGNED.set(len(self.owned()))
-        metrics.PARTITIONS_HELD.set(len(self.held))
+        self._count_held()
         log.info(
             "partitions assigned",
             partitions=sorted(f"{t.topic}/{t.partition}" for t in assigned),
@@ -417,12 +434,21 @@ class EventSource:
         )
 
     async def _check_positions(
-        self, stored: dict[TopicPartition, StoredPosition], first: bool
-    ) -> None:
+        self,
+        stored: dict[TopicPartition, StoredPosition],
+        first: bool,
+        out_of_range: Mapping[TopicPartition, int] | None = None,
+    ) -> dict[TopicPartition, int]:
         """Hold the partitions whose stored position does not fit the topic; release the
-        held ones that fit now. Unverifiable ones go on (what the worker did before)."""
+        held ones that fit now. Unverifiable ones go on (what the worker did before), except
+        those the broker has just called ``out_of_range``: they stay held until a recheck.
+
+        Returns where partitions skipped past a retention gap resume (their log start).
+        """
+        out_of_range = out_of_range or {}
+        skipped_to: dict[TopicPartition, int] = {}
         if not stored:
-            return
+            return skipped_to
         try:
             checks = await check_within(
                 self._settings.kafka_bootstrap_servers,
@@ -431,14 +457,53 @@ class EventSource:
                 CHECK_TIMEOUT_S,
             )
         except Exception as exc:
-            if first:
+            if first and not out_of_range:
                 log.warning(
                     "could not check stored positions against the broker; resuming unverified",
                     error=repr(exc),
                 )
-            return
+            for tp, offset in out_of_range.items():
+                self._hold_unexplained(tp, offset, repr(exc))
+            self._count_held()
+            return skipped_to
         group = self._settings.kafka_group_id
         for tp, (c, view) in checks.items():
+            if c.verdict is Verdict.GAP and self._settings.on_retention_gap == "skip":
+                assert view.log_start is not None  # a gap is only found against a log start
+                if first or tp in self.held:
+                    metrics.OFFSET_RESETS.labels(tp.topic).inc()
+                    log.error(
+                        "records were deleted from the broker before they were stored "
+                        "(retention gap): they are lost; resuming at the earliest record "
+                        "(INGEST_ON_RETENTION_GAP=skip)",
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        stored_position=stored[tp].next_offset,
+                        log_start=view.log_start,
+                        lost=view.log_start - stored[tp].next_offset,
+                    )
+                skipped_to[tp] = view.log_start
+                self._release(tp, view.log_start)
+                continue
+            if c.verdict is Verdict.GAP:
+                if first or tp not in self.gaps:
+                    assert view.log_start is not None
+                    log.error(
+                        "records were deleted from the broker before they were stored "
+                        "(retention gap): partition held, nothing read from it; run the "
+                        "reset to accept the loss and resume at the earliest record",
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        stored_position=stored[tp].next_offset,
+                        log_start=view.log_start,
+                        lost=view.log_start - stored[tp].next_offset,
+                        run=reset_command(group, tp.topic, tp.partition) + " --force",
+                    )
+                command = reset_command(group, tp.topic, tp.partition) + " --force"
+                self.held[tp] = f"{tp.topic}/{tp.partition} {c.why}; `{command}` accepts the loss"
+                self.gaps.add(tp)
+                continue
+            self.gaps.discard(tp)
             if c.verdict is Verdict.MISMATCH:
                 if first or tp not in self.held:
                     metrics.POSITION_MISMATCHES.labels(tp.topic).inc()
@@ -456,6 +521,11 @@ class EventSource:
                     f"{tp.topic}/{tp.partition} stored position {stored[tp].next_offset}: {c.why}"
                 )
                 continue
+            if tp in out_of_range:
+                # The broker refused the position a moment ago, the check cannot tell why
+                # (e.g. a leader change): held, and the recheck resumes it if it fits.
+                self._hold_unexplained(tp, out_of_range[tp], c.why)
+                continue
             if c.verdict is Verdict.UNVERIFIED and first:
                 log.warning(
                     "stored position not verified; resuming from it",
@@ -464,18 +534,64 @@ class EventSource:
                     stored_position=stored[tp].next_offset,
                     why=c.why,
                 )
-            if self.held.pop(tp, None) is not None:
-                log.warning(
-                    "stored position fits the topic now; partition released",
-                    topic=tp.topic,
-                    partition=tp.partition,
-                    position=stored[tp].next_offset,
-                )
-                if tp in self.owned():
-                    self.seek({(tp.topic, tp.partition): stored[tp].next_offset})
-                    if not self._paused_by_us:
-                        self.consumer.resume(tp)
+            self._release(tp, stored[tp].next_offset)
+        self._count_held()
+        return skipped_to
+
+    def _release(self, tp: TopicPartition, position: int) -> None:
+        """Resume a held partition at ``position`` (nothing to do for one not held)."""
+        if self.held.pop(tp, None) is None:
+            return
+        self.gaps.discard(tp)
+        log.warning(
+            "stored position fits the topic now; partition released",
+            topic=tp.topic,
+            partition=tp.partition,
+            position=position,
+        )
+        if tp in self.owned():
+            self.seek({(tp.topic, tp.partition): position})
+            if not self._paused_by_us:
+                self.consumer.resume(tp)
+
+    def _hold_unexplained(self, tp: TopicPartition, offset: int, why: str) -> None:
+        if tp not in self.held:
+            log.warning(
+                "position out of range on the broker, not explained by the log's bounds; "
+                "partition held and checked again",
+                topic=tp.topic,
+                partition=tp.partition,
+                position=offset,
+                why=why,
+            )
+        self.held[tp] = (
+            f"{tp.topic}/{tp.partition} position {offset} is out of range on the broker; "
+            f"checked again every {RECHECK_HELD_S:g} s"
+        )
+
+    async def _hold_out_of_range(self, refused: Mapping[TopicPartition, int]) -> None:
+        """The broker refused these fetch positions (OFFSET_OUT_OF_RANGE): pause them and
+        judge their stored positions at once; below the log start is a retention gap."""
+        owned = self.owned()
+        refused = {tp: offset for tp, offset in refused.items() if tp in owned}
+        if not refused:
+            return
+        self.consumer.pause(*refused)
+        try:
+            stored = await self._load_positions()
+        except Exception as exc:
+            log.warning("cannot load stored positions", error=repr(exc))
+            stored = {}
+        positions = {
+            tp: stored.get((tp.topic, tp.partition)) or StoredPosition(offset)
+            for tp, offset in refused.items()
+        }
+        self._held_checked_at = time.monotonic()
+        await self._check_positions(positions, first=True, out_of_range=refused)
+
+    def _count_held(self) -> None:
         metrics.PARTITIONS_HELD.set(len(self.held))
+        metrics.PARTITIONS_AT_RETENTION_GAP.set(len(self.gaps))
 
     def seek(self, positions: dict[tuple[str, int], int]) -> None:
         """Continue reading the owned ones of these partitions at these offsets."""
@@ -507,11 +623,13 @@ class EventSource:
         await self._check_positions(held, first=False)
 
     def held_reason(self) -> str | None:
-        """Why partitions are held (for /readyz), or None."""
+        """Why partitions are held (for /readyz), or None; a retention gap first."""
         if not self.held:
             return None
+        more = f" (and {len(self.held) - 1} more held)" if len(self.held) > 1 else ""
+        if gaps := sorted(self.held[tp] for tp in self.gaps if tp in self.held):
+            return f"records deleted before they were stored (retention gap): {gaps[0]}{more}"
         reasons = sorted(self.held.values())
-        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
         return f"stored positions do not fit the topic: {reasons[0]}{more}"
 
 
