@@ -415,9 +415,12 @@ class EventSource:
         skipped_to = await self._check_positions(mine, first=True)
         # Seek after the last await: a reset the fetch loop requested meanwhile (no Kafka
         # commit yet) would otherwise win over the stored position.
-        self.seek(
-            {(tp.topic, tp.partition): skipped_to.get(tp, s.next_offset) for tp, s in mine.items()}
-        )
+        self.seek({(tp.topic, tp.partition): s.next_offset for tp, s in mine.items()})
+        for tp, offset in skipped_to.items():
+            # Past the gap without telling the writer: the stored position stays where it
+            # is until the next batch moves it (told, the writer would take the jump for a
+            # position moved back under it, and seek back into the gap).
+            self.consumer.seek(tp, offset)
         if self._paused_by_us:
             # Still backing off: keep the new partitions paused too.
             self.pause()
@@ -481,12 +484,20 @@ class EventSource:
                         stored_position=stored[tp].next_offset,
                         log_start=view.log_start,
                         lost=view.log_start - stored[tp].next_offset,
+                        found="fetch" if tp in out_of_range else "assignment",
                     )
                 skipped_to[tp] = view.log_start
-                self._release(tp, view.log_start)
+                if self.held.pop(tp, None) is not None and tp in self.owned():
+                    self.consumer.seek(tp, view.log_start)
+                    if not self._paused_by_us:
+                        self.consumer.resume(tp)
+                self.gaps.discard(tp)
                 continue
             if c.verdict is Verdict.GAP:
                 if first or tp not in self.gaps:
+                    # When it was found: on a new assignment, by a fetch the broker refused
+                    # while running, or by the recheck of a partition held for another reason.
+                    found = "fetch" if tp in out_of_range else "assignment" if first else "recheck"
                     assert view.log_start is not None
                     log.error(
                         "records were deleted from the broker before they were stored "
@@ -497,6 +508,7 @@ class EventSource:
                         stored_position=stored[tp].next_offset,
                         log_start=view.log_start,
                         lost=view.log_start - stored[tp].next_offset,
+                        found=found,
                         run=reset_command(group, tp.topic, tp.partition) + " --force",
                     )
                 command = reset_command(group, tp.topic, tp.partition) + " --force"
@@ -582,8 +594,12 @@ class EventSource:
         except Exception as exc:
             log.warning("cannot load stored positions", error=repr(exc))
             stored = {}
+        # Judged at the refused offset: the records below it were read, and those not
+        # stored yet are in the batch in flight (the database catches up with its commit).
         positions = {
-            tp: stored.get((tp.topic, tp.partition)) or StoredPosition(offset)
+            tp: s
+            if (s := stored.get((tp.topic, tp.partition))) and s.next_offset == offset
+            else StoredPosition(offset)
             for tp, offset in refused.items()
         }
         self._held_checked_at = time.monotonic()
