@@ -123,6 +123,8 @@ class EventSource:
         self.held: dict[TopicPartition, str] = {}
         # The held partitions whose stored position is below the log start (retention gap).
         self.gaps: set[TopicPartition] = set()
+        # Held because the broker refused their fetch position, not yet explained.
+        self._unexplained: set[TopicPartition] = set()
         self._held_checked_at = 0.0
 
         self.stalls: dict[TopicPartition, Stall] = {}
@@ -399,6 +401,7 @@ class EventSource:
             self.consumer.pause(*assigned)
         self.held = {tp: why for tp, why in self.held.items() if tp in assigned}
         self.gaps &= assigned
+        self._unexplained &= assigned
         stored: dict[tuple[str, int], StoredPosition] = {}
         for attempt in range(5):
             try:
@@ -471,6 +474,16 @@ class EventSource:
             return skipped_to
         group = self._settings.kafka_group_id
         for tp, (c, view) in checks.items():
+            # Said once per reason: what a held partition was last announced for (nothing
+            # yet for one held a moment ago for a refusal the check had not explained).
+            announced = (
+                None
+                if tp not in self.held or tp in self._unexplained
+                else "gap"
+                if tp in self.gaps
+                else "mismatch"
+            )
+            self._unexplained.discard(tp)
             if c.verdict is Verdict.GAP and self._settings.on_retention_gap == "skip":
                 assert view.log_start is not None  # a gap is only found against a log start
                 if first or tp in self.held:
@@ -494,7 +507,7 @@ class EventSource:
                 self.gaps.discard(tp)
                 continue
             if c.verdict is Verdict.GAP:
-                if first or tp not in self.gaps:
+                if first or announced != "gap":
                     # When it was found: on a new assignment, by a fetch the broker refused
                     # while running, or by the recheck of a partition held for another reason.
                     found = "fetch" if tp in out_of_range else "assignment" if first else "recheck"
@@ -517,7 +530,7 @@ class EventSource:
                 continue
             self.gaps.discard(tp)
             if c.verdict is Verdict.MISMATCH:
-                if first or tp not in self.held:
+                if first or announced != "mismatch":
                     metrics.POSITION_MISMATCHES.labels(tp.topic).inc()
                     log.error(
                         "stored position does not belong to this topic: partition held, "
@@ -552,6 +565,7 @@ class EventSource:
 
     def _release(self, tp: TopicPartition, position: int) -> None:
         """Resume a held partition at ``position`` (nothing to do for one not held)."""
+        self._unexplained.discard(tp)
         if self.held.pop(tp, None) is None:
             return
         self.gaps.discard(tp)
@@ -567,6 +581,7 @@ class EventSource:
                 self.consumer.resume(tp)
 
     def _hold_unexplained(self, tp: TopicPartition, offset: int, why: str) -> None:
+        self._unexplained.add(tp)
         if tp not in self.held:
             log.warning(
                 "position out of range on the broker, not explained by the log's bounds; "
