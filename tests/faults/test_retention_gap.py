@@ -323,6 +323,7 @@ async def _held_until_the_logged_reset(
     assert (await stored_positions(db, t.group))[GAP_PARTITION] == held_at
     assert len(_log_lines(worker, "records were deleted from the broker")) == 1
 
+    reset_at = time.monotonic()
     code, out, err = await _ingest_cli(env, *error["run"].split()[1:])
     assert code == 0, (out, err)
     assert f"{t.source}/{GAP_PARTITION}: moved {held_at} -> {gap.log_start}" in out
@@ -337,6 +338,11 @@ async def _held_until_the_logged_reset(
     await eventually(ready, 15, "/readyz 200 after the reset")
     assert await _metric(port, "ingest_partitions_at_retention_gap") == 0.0
     assert worker.alive()
+    print(
+        f"\ngap found at {found}: held at {held_at}, log start {gap.log_start}, "
+        f"{error['lost']} records lost; drained {time.monotonic() - reset_at:.1f} s after "
+        "the reset command started"
+    )
     return held_at
 
 
@@ -406,6 +412,7 @@ async def test_with_skip_a_retention_gap_resumes_at_the_log_start_counted_and_sa
         assert await _metric(port, "ingest_partitions_held") == 0.0
         status, _ = await asyncio.to_thread(http_get_blocking, port, "/readyz")
         assert status == 200
+        print(f"\nskip: {errors[0]['lost']} records lost, resumed at {gap.log_start}")
     finally:
         worker.stop()
     await assert_reconciled(db, t, gap.survivors(gap.stored_position), gap.calls)
