@@ -116,6 +116,9 @@ class Verdict(Enum):
     # resuming is what the worker did before this check existed; it says so in the log.
     UNVERIFIED = "unverified"
     MISMATCH = "mismatch"
+    # The stored position is below the log start: the records in between were deleted
+    # (retention, DeleteRecords) before they were stored. What then is a setting's choice.
+    GAP = "gap"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,14 +149,20 @@ def judge(stored: StoredPosition, log: LogView) -> Check:
             f"stored position {pos} is beyond the log end {hw}: the topic was recreated "
             "or is another cluster's",
         )
+    start = log.log_start
+    if start is not None and pos < start:
+        return Check(
+            Verdict.GAP,
+            f"stored position {pos} is below the log start {start}: records {pos} to "
+            f"{start - 1} were deleted (retention) before they were stored",
+        )
     if pos == 0 or fp is None:
         return Check(Verdict.OK, "no stored record to compare with")
     if hw is None:
         return Check(Verdict.UNVERIFIED, "high watermark not learned in time")
-    if log.log_start is not None and pos - 1 < log.log_start:
-        return Check(
-            Verdict.UNVERIFIED, f"record {pos - 1} was deleted (log starts at {log.log_start})"
-        )
+    if start is not None and pos - 1 < start:
+        # The position is the log start: nothing is missing, only the record to compare.
+        return Check(Verdict.UNVERIFIED, f"record {pos - 1} was deleted (log starts at {start})")
     if log.record is None:
         return Check(Verdict.UNVERIFIED, f"record {pos - 1} could not be fetched in time")
     offset, found = log.record

@@ -11,6 +11,12 @@ it that is not the one stored, means the topic is not the one the position was s
 (deleted and created again, another cluster). Such a partition is *held*: paused, named in
 one error with the ``ingest positions reset`` to run, and checked again every
 ``RECHECK_HELD_S`` until the stored position fits (after the reset) or it is revoked.
+
+A stored position below the log start (a retention gap: records deleted before they were
+stored) is held the same way by default; ``INGEST_ON_RETENTION_GAP=skip`` resumes at the
+log start instead, counted and said once. The gap is found on assignment, and while running
+when the broker answers a fetch with OFFSET_OUT_OF_RANGE (Apache Kafka does; Tansu 0.6
+serves the next records it holds instead, so there only the assignment check finds it).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +124,10 @@ class EventSource:
         self._kafka_options = kafka_options
         # Partitions whose stored position does not fit the topic: paused until it does.
         self.held: dict[TopicPartition, str] = {}
+        # The held partitions whose stored position is below the log start (retention gap).
+        self.gaps: set[TopicPartition] = set()
+        # Held because the broker refused their fetch position, not yet explained.
+        self._unexplained: set[TopicPartition] = set()
         self._held_checked_at = 0.0
 
         self.stalls: dict[TopicPartition, Stall] = {}
@@ -130,6 +140,9 @@ class EventSource:
         """Connect and subscribe (the group is joined on the first fetch)."""
         await self.consumer.start()
         self.consumer.subscribe(list(self._settings.kafka_topics), listener=_Listener(self))
+        for topic in self._settings.kafka_topics:
+            # Exported at 0 from the start: the first skip is then an increase alerts see.
+            metrics.OFFSET_RESETS.labels(topic)
 
     async def stop(self) -> None:
         """Leave the group and close connections."""
@@ -172,6 +185,9 @@ class EventSource:
             return []
         except OffsetOutOfRangeError as exc:
             tps = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+            if tps and self._settings.on_retention_gap == "hold":
+                await self._hold_out_of_range(tps)
+                return []
             for tp, offset in tps.items():
                 metrics.OFFSET_RESETS.labels(tp.topic).inc()
                 log.error(
@@ -387,6 +403,8 @@ class EventSource:
         if assigned:
             self.consumer.pause(*assigned)
         self.held = {tp: why for tp, why in self.held.items() if tp in assigned}
+        self.gaps &= assigned
+        self._unexplained &= assigned
         stored: dict[tuple[str, int], StoredPosition] = {}
         for attempt in range(5):
             try:
@@ -400,10 +418,15 @@ class EventSource:
             # database still drops anything already stored, so this costs time, not data.
             log.error("stored positions unavailable; starting from Kafka's committed offsets")
         mine = {tp: s for tp in assigned if (s := stored.get((tp.topic, tp.partition))) is not None}
-        await self._check_positions(mine, first=True)
+        skipped_to = await self._check_positions(mine, first=True)
         # Seek after the last await: a reset the fetch loop requested meanwhile (no Kafka
         # commit yet) would otherwise win over the stored position.
         self.seek({(tp.topic, tp.partition): s.next_offset for tp, s in mine.items()})
+        for tp, offset in skipped_to.items():
+            # Past the gap without telling the writer: the stored position stays where it
+            # is until the next batch moves it (told, the writer would take the jump for a
+            # position moved back under it, and seek back into the gap).
+            self.consumer.seek(tp, offset)
         if self._paused_by_us:
             # Still backing off: keep the new partitions paused too.
             self.pause()
@@ -411,7 +434,7 @@ class EventSource:
             self.consumer.resume(*runnable)
         self.joined = True
         metrics.PARTITIONS_ASSIGNED.set(len(self.owned()))
-        metrics.PARTITIONS_HELD.set(len(self.held))
+        self._count_held()
         log.info(
             "partitions assigned",
             partitions=sorted(f"{t.topic}/{t.partition}" for t in assigned),
@@ -420,12 +443,21 @@ class EventSource:
         )
 
     async def _check_positions(
-        self, stored: dict[TopicPartition, StoredPosition], first: bool
-    ) -> None:
+        self,
+        stored: dict[TopicPartition, StoredPosition],
+        first: bool,
+        out_of_range: Mapping[TopicPartition, int] | None = None,
+    ) -> dict[TopicPartition, int]:
         """Hold the partitions whose stored position does not fit the topic; release the
-        held ones that fit now. Unverifiable ones go on (what the worker did before)."""
+        held ones that fit now. Unverifiable ones go on (what the worker did before), except
+        those the broker has just called ``out_of_range``: they stay held until a recheck.
+
+        Returns where partitions skipped past a retention gap resume (their log start).
+        """
+        out_of_range = out_of_range or {}
+        skipped_to: dict[TopicPartition, int] = {}
         if not stored:
-            return
+            return skipped_to
         try:
             checks = await check_within(
                 self._settings.kafka_bootstrap_servers,
@@ -434,16 +466,74 @@ class EventSource:
                 CHECK_TIMEOUT_S,
             )
         except Exception as exc:
-            if first:
+            if first and not out_of_range:
                 log.warning(
                     "could not check stored positions against the broker; resuming unverified",
                     error=repr(exc),
                 )
-            return
+            for tp, offset in out_of_range.items():
+                self._hold_unexplained(tp, offset, repr(exc))
+            self._count_held()
+            return skipped_to
         group = self._settings.kafka_group_id
         for tp, (c, view) in checks.items():
+            # Said once per reason: what a held partition was last announced for (nothing
+            # yet for one held a moment ago for a refusal the check had not explained).
+            announced = (
+                None
+                if tp not in self.held or tp in self._unexplained
+                else "gap"
+                if tp in self.gaps
+                else "mismatch"
+            )
+            self._unexplained.discard(tp)
+            if c.verdict is Verdict.GAP and self._settings.on_retention_gap == "skip":
+                assert view.log_start is not None  # a gap is only found against a log start
+                if first or tp in self.held:
+                    metrics.OFFSET_RESETS.labels(tp.topic).inc()
+                    log.error(
+                        "records were deleted from the broker before they were stored "
+                        "(retention gap): they are lost; resuming at the earliest record "
+                        "(INGEST_ON_RETENTION_GAP=skip)",
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        stored_position=stored[tp].next_offset,
+                        log_start=view.log_start,
+                        lost=view.log_start - stored[tp].next_offset,
+                        found="fetch" if tp in out_of_range else "assignment",
+                    )
+                skipped_to[tp] = view.log_start
+                if self.held.pop(tp, None) is not None and tp in self.owned():
+                    self.consumer.seek(tp, view.log_start)
+                    if not self._paused_by_us:
+                        self.consumer.resume(tp)
+                self.gaps.discard(tp)
+                continue
+            if c.verdict is Verdict.GAP:
+                if first or announced != "gap":
+                    # When it was found: on a new assignment, by a fetch the broker refused
+                    # while running, or by the recheck of a partition held for another reason.
+                    found = "fetch" if tp in out_of_range else "assignment" if first else "recheck"
+                    assert view.log_start is not None
+                    log.error(
+                        "records were deleted from the broker before they were stored "
+                        "(retention gap): partition held, nothing read from it; run the "
+                        "reset to accept the loss and resume at the earliest record",
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        stored_position=stored[tp].next_offset,
+                        log_start=view.log_start,
+                        lost=view.log_start - stored[tp].next_offset,
+                        found=found,
+                        run=reset_command(group, tp.topic, tp.partition) + " --force",
+                    )
+                command = reset_command(group, tp.topic, tp.partition) + " --force"
+                self.held[tp] = f"{tp.topic}/{tp.partition} {c.why}; `{command}` accepts the loss"
+                self.gaps.add(tp)
+                continue
+            self.gaps.discard(tp)
             if c.verdict is Verdict.MISMATCH:
-                if first or tp not in self.held:
+                if first or announced != "mismatch":
                     metrics.POSITION_MISMATCHES.labels(tp.topic).inc()
                     log.error(
                         "stored position does not belong to this topic: partition held, "
@@ -459,6 +549,11 @@ class EventSource:
                     f"{tp.topic}/{tp.partition} stored position {stored[tp].next_offset}: {c.why}"
                 )
                 continue
+            if tp in out_of_range:
+                # The broker refused the position a moment ago, the check cannot tell why
+                # (e.g. a leader change): held, and the recheck resumes it if it fits.
+                self._hold_unexplained(tp, out_of_range[tp], c.why)
+                continue
             if c.verdict is Verdict.UNVERIFIED and first:
                 log.warning(
                     "stored position not verified; resuming from it",
@@ -467,18 +562,70 @@ class EventSource:
                     stored_position=stored[tp].next_offset,
                     why=c.why,
                 )
-            if self.held.pop(tp, None) is not None:
-                log.warning(
-                    "stored position fits the topic now; partition released",
-                    topic=tp.topic,
-                    partition=tp.partition,
-                    position=stored[tp].next_offset,
-                )
-                if tp in self.owned():
-                    self.seek({(tp.topic, tp.partition): stored[tp].next_offset})
-                    if not self._paused_by_us:
-                        self.consumer.resume(tp)
+            self._release(tp, stored[tp].next_offset)
+        self._count_held()
+        return skipped_to
+
+    def _release(self, tp: TopicPartition, position: int) -> None:
+        """Resume a held partition at ``position`` (nothing to do for one not held)."""
+        self._unexplained.discard(tp)
+        if self.held.pop(tp, None) is None:
+            return
+        self.gaps.discard(tp)
+        log.warning(
+            "stored position fits the topic now; partition released",
+            topic=tp.topic,
+            partition=tp.partition,
+            position=position,
+        )
+        if tp in self.owned():
+            self.seek({(tp.topic, tp.partition): position})
+            if not self._paused_by_us:
+                self.consumer.resume(tp)
+
+    def _hold_unexplained(self, tp: TopicPartition, offset: int, why: str) -> None:
+        self._unexplained.add(tp)
+        if tp not in self.held:
+            log.warning(
+                "position out of range on the broker, not explained by the log's bounds; "
+                "partition held and checked again",
+                topic=tp.topic,
+                partition=tp.partition,
+                position=offset,
+                why=why,
+            )
+        self.held[tp] = (
+            f"{tp.topic}/{tp.partition} position {offset} is out of range on the broker; "
+            f"checked again every {RECHECK_HELD_S:g} s"
+        )
+
+    async def _hold_out_of_range(self, refused: Mapping[TopicPartition, int]) -> None:
+        """The broker refused these fetch positions (OFFSET_OUT_OF_RANGE): pause them and
+        judge their stored positions at once; below the log start is a retention gap."""
+        owned = self.owned()
+        refused = {tp: offset for tp, offset in refused.items() if tp in owned}
+        if not refused:
+            return
+        self.consumer.pause(*refused)
+        try:
+            stored = await self._load_positions()
+        except Exception as exc:
+            log.warning("cannot load stored positions", error=repr(exc))
+            stored = {}
+        # Judged at the refused offset: the records below it were read, and those not
+        # stored yet are in the batch in flight (the database catches up with its commit).
+        positions = {
+            tp: s
+            if (s := stored.get((tp.topic, tp.partition))) and s.next_offset == offset
+            else StoredPosition(offset)
+            for tp, offset in refused.items()
+        }
+        self._held_checked_at = time.monotonic()
+        await self._check_positions(positions, first=True, out_of_range=refused)
+
+    def _count_held(self) -> None:
         metrics.PARTITIONS_HELD.set(len(self.held))
+        metrics.PARTITIONS_AT_RETENTION_GAP.set(len(self.gaps))
 
     def seek(self, positions: dict[tuple[str, int], int]) -> None:
         """Continue reading the owned ones of these partitions at these offsets."""
@@ -510,11 +657,13 @@ class EventSource:
         await self._check_positions(held, first=False)
 
     def held_reason(self) -> str | None:
-        """Why partitions are held (for /readyz), or None."""
+        """Why partitions are held (for /readyz), or None; a retention gap first."""
         if not self.held:
             return None
+        more = f" (and {len(self.held) - 1} more held)" if len(self.held) > 1 else ""
+        if gaps := sorted(self.held[tp] for tp in self.gaps if tp in self.held):
+            return f"records deleted before they were stored (retention gap): {gaps[0]}{more}"
         reasons = sorted(self.held.values())
-        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
         return f"stored positions do not fit the topic: {reasons[0]}{more}"
 
 

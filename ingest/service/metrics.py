@@ -153,6 +153,12 @@ POSITION_MISMATCHES: Final = Counter(
 PARTITIONS_HELD: Final = Gauge(
     "ingest_partitions_held", "Partitions held because their stored position does not fit."
 )
+PARTITIONS_AT_RETENTION_GAP: Final = Gauge(
+    "ingest_partitions_at_retention_gap",
+    "Partitions held because records between their stored position and the broker's log "
+    "start were deleted before they were stored (INGEST_ON_RETENTION_GAP=hold); part of "
+    "ingest_partitions_held.",
+)
 PARTITIONS_STALLED: Final = Gauge(
     "ingest_partitions_stalled",
     "Partitions stopped at a record batch that cannot be decoded (corrupt, or unknown codec).",

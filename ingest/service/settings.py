@@ -20,6 +20,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
 KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+# What a stored position below the broker's log start leads to: hold the partition until an
+# operator accepts the loss (``ingest positions reset``), or skip to the earliest record.
+RETENTION_GAP_ACTIONS = ("hold", "skip")
 
 
 class ConfigError(Exception):
@@ -86,6 +89,7 @@ class Settings:
     breaker_min_records: int = 100
     breaker_max_consecutive: int = 1_000
     breaker_cooldown_s: float = 300.0
+    on_retention_gap: str = "hold"
     chunk_interval: str = "1 day"
     compress_after: str = "7 days"
     retention: str = "off"
@@ -205,6 +209,9 @@ class Settings:
             ),
             breaker_cooldown_s=get(
                 "INGEST_DLQ_BREAKER_COOLDOWN_S", _float(0, 86_400), "breaker_cooldown_s"
+            ),
+            on_retention_gap=get(
+                "INGEST_ON_RETENTION_GAP", _choice(RETENTION_GAP_ACTIONS), "on_retention_gap"
             ),
             chunk_interval=get("INGEST_CHUNK_INTERVAL", _text, "chunk_interval"),
             compress_after=get("INGEST_COMPRESS_AFTER", _interval_or_off, "compress_after"),

@@ -55,10 +55,32 @@ def test_position_zero_has_nothing_to_compare():
     assert judge(StoredPosition(0, None), LogView(0, 0)).verdict is Verdict.OK
 
 
-def test_a_record_deleted_by_retention_leaves_the_position_unverified():
+def test_a_position_at_the_log_start_leaves_it_unverified_not_a_gap():
+    # Only the record below the position was deleted: nothing that was not stored is gone.
     check = judge(StoredPosition(10, FP), LogView(10, 20))
     assert check.verdict is Verdict.UNVERIFIED
     assert "deleted" in check.why
+
+
+@pytest.mark.parametrize("fp", [FP, None])
+def test_a_position_below_the_log_start_is_a_gap_naming_the_lost_records(fp):
+    check = judge(StoredPosition(10, fp), LogView(25, 40))
+    assert check.verdict is Verdict.GAP
+    assert "records 10 to 24" in check.why
+
+
+def test_position_zero_below_a_moved_log_start_is_a_gap():
+    assert judge(StoredPosition(0, None), LogView(5, 9)).verdict is Verdict.GAP
+
+
+def test_a_gap_is_found_without_the_high_watermark():
+    assert judge(StoredPosition(3, FP), LogView(7, None)).verdict is Verdict.GAP
+
+
+def test_a_log_emptied_by_retention_past_the_position_is_a_gap():
+    # Every record deleted: the log start is its end, and the position lies below both.
+    check = judge(StoredPosition(20, FP), LogView(30, 30))
+    assert check.verdict is Verdict.GAP
 
 
 def test_a_compacted_record_leaves_the_position_unverified():

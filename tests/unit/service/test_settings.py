@@ -71,6 +71,7 @@ def test_defaults_with_only_database_url() -> None:
     assert s.retry_max_backoff_s == 10.0
     assert s.chunk_interval == "1 day"
     assert s.log_level == "info"
+    assert s.on_retention_gap == "hold"
 
 
 def test_blank_variable_means_default() -> None:
@@ -115,6 +116,8 @@ def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
         ("INGEST_REBALANCE_TIMEOUT_S", "0", "rebalance_timeout_s", 0.0),
         ("INGEST_RETRY_MAX_BACKOFF_S", "0.5", "retry_max_backoff_s", 0.5),
         ("INGEST_CHUNK_INTERVAL", "1 hour", "chunk_interval", "1 hour"),
+        ("INGEST_ON_RETENTION_GAP", "skip", "on_retention_gap", "skip"),
+        ("INGEST_ON_RETENTION_GAP", "HOLD", "on_retention_gap", "hold"),
         ("LOG_LEVEL", "DEBUG", "log_level", "debug"),
         ("LOG_LEVEL", "warning", "log_level", "warning"),
     ],
@@ -183,6 +186,8 @@ def test_postgres_scheme_is_accepted() -> None:
         ("INGEST_REBALANCE_TIMEOUT_S", "601"),
         ("INGEST_RETRY_MAX_BACKOFF_S", "0.05"),
         ("INGEST_RETRY_MAX_BACKOFF_S", "601"),
+        ("INGEST_ON_RETENTION_GAP", "earliest"),
+        ("INGEST_ON_RETENTION_GAP", "ignore"),
         ("LOG_LEVEL", "verbose"),
         ("LOG_LEVEL", "trace"),
     ],
