@@ -6,13 +6,26 @@ share dead-lettered exceeds ``max_ratio``, or when ``max_consecutive`` records i
 were dead-lettered. While open, the worker pauses every partition and ``/readyz`` answers
 503. It closes after ``cooldown_s`` (0: never by itself) or when an operator resets it
 (``POST /breaker/reset``); closing forgets the window, so a flood that goes on opens it
-again after another ``min_records``. Pure: the caller supplies the clock.
+again after another ``min_records``. ``DeadLetterBreaker`` is pure (the caller supplies
+the clock); ``BreakerHold`` applies it to the worker.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from ingest.service import metrics
+
+if TYPE_CHECKING:
+    from ingest.pipeline.source import EventSource
+    from ingest.service.probes import Health
+
+log = structlog.get_logger("ingest.worker")
 
 
 @dataclass(slots=True)
@@ -80,3 +93,48 @@ class DeadLetterBreaker:
         self._records = self._dead = self._consecutive = 0
         self.opened_at = None
         self.reason = ""
+
+
+class BreakerHold:
+    """What the breaker's state does to the worker: open, every partition is paused,
+    ``/readyz`` fails and the gauge is 1; closed (by the cooldown or an operator), they are
+    undone."""
+
+    def __init__(self, breaker: DeadLetterBreaker, health: Health) -> None:
+        self.breaker = breaker
+        self._health = health
+
+    def record(self, outcomes: list[bool], src: EventSource) -> None:
+        """Add one stored batch's outcomes (True = dead-lettered); open if they say so."""
+        if self.breaker.record(outcomes, time.monotonic()):
+            self._health.breaker_open = self.breaker.reason
+            metrics.BREAKER_OPEN.set(1)
+            src.pause()
+            log.error(
+                "dead-letter breaker open: consumption stopped",
+                why=self.breaker.reason,
+                closes_after_s=self.breaker.cooldown_s or None,
+                reset="POST /breaker/reset",
+            )
+
+    async def wait(self, src: EventSource) -> list[Any]:
+        """One turn of the loop while open: close when the cooldown has passed, else poll
+        (the partitions are paused) so that the consumer stays in its group; returns what
+        that poll brought."""
+        if self.breaker.due_to_close(time.monotonic()):
+            self.close(src)
+            return []
+        return await src.fetch(timeout_ms=500, max_records=1)
+
+    def close(self, src: EventSource | None) -> str:
+        """Close the breaker (cooldown or operator); consumption resumes. Says what it did."""
+        was = self.breaker.reason
+        self.breaker.reset()
+        self._health.breaker_open = None
+        metrics.BREAKER_OPEN.set(0)
+        if src is not None and src.paused:
+            src.resume()
+        if was:
+            log.warning("dead-letter breaker closed; consuming again", was=was)
+            return f"breaker closed (was open: {was})"
+        return "breaker was not open"
