@@ -158,7 +158,7 @@ class Worker:
     async def _ping(self) -> None:
         assert self._writer is not None
         try:
-            await asyncio.wait_for(self._writer.ping(), PING_EVERY_S)
+            await self._writer.ping(PING_EVERY_S)
         except Exception as exc:
             if self.health.database_ok:
                 log.warning("database unreachable", error=_short(exc))
@@ -209,7 +209,9 @@ class Worker:
         )
         await self._producer.start()
         publisher = DeadLetterPublisher(self._producer, s.kafka_dlq_topic)
-        self._writer = BatchWriter(self._pool, s.kafka_group_id, publisher)
+        self._writer = BatchWriter(
+            self._pool, s.kafka_group_id, publisher, write_timeout_s=s.write_timeout_s
+        )
         self._source = EventSource(
             s,
             self._load_positions,
@@ -352,10 +354,8 @@ class Worker:
                     return
                 started = time.perf_counter()
                 try:
-                    # A dead peer can leave a socket read hanging: bound the whole batch.
-                    result = await asyncio.wait_for(
-                        writer.write(items), self.settings.write_timeout_s
-                    )
+                    # Bounded by INGEST_WRITE_TIMEOUT_S: a dead peer can leave a read hanging.
+                    result = await writer.write(items)
                 except PositionsMovedBack as moved:
                     items = self._follow_reset(moved.positions, items)
                     continue
