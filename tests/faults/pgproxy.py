@@ -15,6 +15,10 @@ connection for open and fails with ``InternalClientError`` ("cannot switch to st
 another operation (2) is in progress"), held open so that the test does not depend on luck.
 
 Only plain (``sslmode=disable``) sessions can be read; a cancel request is passed through.
+
+``FlowFreezer`` reads the same protocol to black-hole flows instead of ending sessions: at a
+point of the batch transaction it stops forwarding in both directions and keeps both sockets
+open, as a lost NAT or load-balancer entry does, so that neither side ever learns of it.
 """
 
 from __future__ import annotations
