@@ -20,6 +20,7 @@ import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from ingest.pipeline import sessions
 from ingest.pipeline.batch import BatchBuilder, to_item
 from ingest.pipeline.breaker import DeadLetterBreaker
 from ingest.pipeline.deadletter import DeadLetterPublisher
@@ -46,8 +47,6 @@ FETCH_CHUNK = 500
 DECODE_SLICE = 100
 # A write in flight longer than this pauses the partitions (backpressure).
 PAUSE_AFTER_S = 2.0
-# How the worker's sessions show in pg_stat_activity.
-APPLICATION_NAME = "ingest"
 
 
 class ShutdownRequested(Exception):
@@ -159,7 +158,7 @@ class Worker:
     async def _ping(self) -> None:
         assert self._writer is not None
         try:
-            await asyncio.wait_for(self._writer.ping(), PING_EVERY_S)
+            await self._writer.ping(PING_EVERY_S)
         except Exception as exc:
             if self.health.database_ok:
                 log.warning("database unreachable", error=_short(exc))
@@ -178,16 +177,7 @@ class Worker:
         backoff = Backoff(cap_s=s.retry_max_backoff_s)
         while self._pool is None:
             try:
-                self._pool = await asyncpg.create_pool(
-                    s.database_url,
-                    min_size=s.database_pool_min,
-                    max_size=s.database_pool_max,
-                    max_inactive_connection_lifetime=s.database_idle_timeout_ms / 1000,
-                    timeout=s.database_connection_timeout_ms / 1000,
-                    server_settings={"application_name": APPLICATION_NAME},
-                    command_timeout=s.write_timeout_s,
-                    ssl=security.postgres_ssl(s),
-                )
+                self._pool = await sessions.open_pool(s)
             except Exception as exc:
                 delay = backoff.next_delay()
                 if self._note_failure(exc) is Disposition.STANDING:
@@ -219,7 +209,9 @@ class Worker:
         )
         await self._producer.start()
         publisher = DeadLetterPublisher(self._producer, s.kafka_dlq_topic)
-        self._writer = BatchWriter(self._pool, s.kafka_group_id, publisher)
+        self._writer = BatchWriter(
+            self._pool, s.kafka_group_id, publisher, write_timeout_s=s.write_timeout_s
+        )
         self._source = EventSource(
             s,
             self._load_positions,
@@ -362,10 +354,8 @@ class Worker:
                     return
                 started = time.perf_counter()
                 try:
-                    # A dead peer can leave a socket read hanging: bound the whole batch.
-                    result = await asyncio.wait_for(
-                        writer.write(items), self.settings.write_timeout_s
-                    )
+                    # Bounded by INGEST_WRITE_TIMEOUT_S: a dead peer can leave a read hanging.
+                    result = await writer.write(items)
                 except PositionsMovedBack as moved:
                     items = self._follow_reset(moved.positions, items)
                     continue

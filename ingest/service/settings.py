@@ -51,6 +51,12 @@ class Settings:
     database_pool_max: int = 10
     database_idle_timeout_ms: int = 10_000
     database_connection_timeout_ms: int = 2_000
+    # None: half the write timeout.
+    database_lock_timeout_ms: int | None = None
+    database_keepalives_idle_s: int = 30
+    database_keepalives_interval_s: int = 10
+    database_keepalives_count: int = 3
+    database_tcp_user_timeout_ms: int = 60_000
     database_ssl_mode: str | None = None
     database_ssl_root_cert: str | None = None
     database_ssl_cert: str | None = None
@@ -80,7 +86,7 @@ class Settings:
     batch_max_wait_ms: int = 200
     http_port: int = 8080
     shutdown_timeout_s: float = 25.0
-    write_timeout_s: float = 60.0
+    write_timeout_s: float = 10.0
     rebalance_timeout_s: float = 10.0
     retry_max_backoff_s: float = 10.0
     max_batch_bytes: int = 16 * 1024 * 1024
@@ -129,6 +135,21 @@ class Settings:
             ),
             database_connection_timeout_ms=get(
                 "DATABASE_CONNECTION_TIMEOUT", _int(1, 600_000), "database_connection_timeout_ms"
+            ),
+            database_lock_timeout_ms=get(
+                "DATABASE_LOCK_TIMEOUT", _int(1, 3_600_000), "database_lock_timeout_ms"
+            ),
+            database_keepalives_idle_s=get(
+                "DATABASE_KEEPALIVES_IDLE", _int(1, 32_767), "database_keepalives_idle_s"
+            ),
+            database_keepalives_interval_s=get(
+                "DATABASE_KEEPALIVES_INTERVAL", _int(1, 32_767), "database_keepalives_interval_s"
+            ),
+            database_keepalives_count=get(
+                "DATABASE_KEEPALIVES_COUNT", _int(1, 127), "database_keepalives_count"
+            ),
+            database_tcp_user_timeout_ms=get(
+                "DATABASE_TCP_USER_TIMEOUT", _int(1_000, 3_600_000), "database_tcp_user_timeout_ms"
             ),
             database_ssl_mode=get("DATABASE_SSL_MODE", _choice(SSL_MODES), "database_ssl_mode"),
             database_ssl_root_cert=get("DATABASE_SSL_ROOT_CERT", _file, "database_ssl_root_cert"),
@@ -223,6 +244,14 @@ class Settings:
             raise ConfigError(
                 f"DATABASE_POOL_MIN ({s.database_pool_min}) must not exceed "
                 f"DATABASE_POOL_MAX ({s.database_pool_max})"
+            )
+        if s.database_lock_timeout_ms is not None and (
+            s.database_lock_timeout_ms >= s.write_timeout_s * 1000
+        ):
+            # The write timeout would end every lock wait first, and the session with it.
+            raise ConfigError(
+                f"DATABASE_LOCK_TIMEOUT ({s.database_lock_timeout_ms} ms) must be shorter than "
+                f"INGEST_WRITE_TIMEOUT_S ({s.write_timeout_s:g} s)"
             )
         if s.kafka_security_protocol.startswith("SASL_") and not (
             s.kafka_sasl_username and s.kafka_sasl_password
