@@ -128,6 +128,7 @@ class Worker:
             kafka=self.settings.kafka_bootstrap_servers,
             topics=list(self.settings.kafka_topics),
             group=self.settings.kafka_group_id,
+            group_instance_id=self.settings.kafka_group_instance_id,
             dlq=self.settings.kafka_dlq_topic,
             http_port=self.probes.port,
         )

@@ -402,6 +402,59 @@ def test_a_longer_session_timeout_leaves_the_request_timeout_valid() -> None:
     s = load(KAFKA_SESSION_TIMEOUT_MS="45000")
 
     assert (s.kafka_session_timeout_ms, s.kafka_request_timeout_ms) == (45_000, 15_000)
+# --- static group membership ----------------------------------------------------------------
+
+
+def test_a_dynamic_member_by_default() -> None:
+    assert load().kafka_group_instance_id is None
+
+
+def test_group_instance_id_is_read() -> None:
+    assert load(KAFKA_GROUP_INSTANCE_ID="ingest-2").kafka_group_instance_id == "ingest-2"
+
+
+def test_group_instance_id_defaults_to_the_pod_name() -> None:
+    assert load(POD_NAME="ingest-worker-1").kafka_group_instance_id == "ingest-worker-1"
+
+
+def test_group_instance_id_wins_over_the_pod_name() -> None:
+    s = load(POD_NAME="ingest-worker-1", KAFKA_GROUP_INSTANCE_ID="replica-a")
+
+    assert s.kafka_group_instance_id == "replica-a"
+
+
+def test_group_instance_id_off_makes_a_dynamic_member_despite_a_pod_name() -> None:
+    assert (
+        load(POD_NAME="ingest-worker-1", KAFKA_GROUP_INSTANCE_ID="off").kafka_group_instance_id
+        is None
+    )
+
+
+def test_a_dynamic_member_has_a_10_s_session() -> None:
+    assert load().kafka_session_timeout_ms == 10_000
+
+
+def test_a_static_member_has_a_30_s_session_to_outlast_a_restart() -> None:
+    assert load(POD_NAME="ingest-0").kafka_session_timeout_ms == 30_000
+
+
+def test_a_static_members_session_timeout_may_be_set() -> None:
+    s = load(POD_NAME="ingest-0", KAFKA_SESSION_TIMEOUT_MS="20000")
+
+    assert s.kafka_session_timeout_ms == 20_000
+
+
+@pytest.mark.parametrize("raw", ["a b", "pod/1", "..", "x" * 250, "ünïcode"])
+def test_group_instance_id_outside_kafkas_rule_is_rejected(raw: str) -> None:
+    message = config_error({"DATABASE_URL": URL, "KAFKA_GROUP_INSTANCE_ID": raw})
+
+    assert message.startswith("KAFKA_GROUP_INSTANCE_ID must be")
+
+
+def test_a_bad_pod_name_is_reported_as_pod_name() -> None:
+    message = config_error({"DATABASE_URL": URL, "POD_NAME": "a b"})
+
+    assert message.startswith("POD_NAME must be")
 
 
 # --- *_FILE ---------------------------------------------------------------------------------
