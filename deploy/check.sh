@@ -18,7 +18,7 @@
 #   - kubernetes-validate --strict on the core-kind manifests in deploy/k8s (newest
 #     Kubernetes the tool knows, and 1.28), and on the kustomize output when kubectl exists
 #   - PodMonitor and ScaledObject against deploy/k8s/crd-schemas/ (JSON Schema subsets of
-#     the upstream CRDs), plus cross-references (selector and port vs the Deployment,
+#     the upstream CRDs), plus cross-references (selector and port vs the StatefulSet,
 #     scale target, consumer group and topic vs the ConfigMap, kustomization resources)
 #   - kubectl kustomize deploy/k8s (only where kubectl exists)
 #   - docker-compose -f docker-compose.yml config -q
@@ -253,15 +253,36 @@ for path in files:
         docs[key[1]] = doc
 
 # Cross-references with the rest of the base.
-(deploy,) = load("deployment.yaml")
+(workers,) = load("statefulset.yaml")
 (config,) = load("configmap.yaml")
-pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
-ports = {p.get("name") for c in deploy["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+pod_labels = workers["spec"]["template"]["metadata"]["labels"]
+ports = {p.get("name") for c in workers["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+# The StatefulSet's governing Service: headless, selecting its pods. Its pods' names are
+# the workers' static group membership ids (POD_NAME from the Downward API).
+governing = [
+    d
+    for f in sorted(root.glob("*.yaml"))
+    if f.name != "kustomization.yaml"
+    for d in load(f.name)
+    if d.get("kind") == "Service" and d["metadata"]["name"] == workers["spec"].get("serviceName")
+]
+if not governing or governing[0]["spec"].get("clusterIP") != "None":
+    problems.append(f"no headless Service {workers['spec'].get('serviceName')!r} governs the StatefulSet")
+elif any(pod_labels.get(k) != v for k, v in governing[0]["spec"]["selector"].items()):
+    problems.append("the headless Service does not select the StatefulSet's pods")
+pod_name = [
+    e
+    for c in workers["spec"]["template"]["spec"]["containers"]
+    for e in c.get("env", [])
+    if e["name"] == "POD_NAME"
+]
+if [e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in pod_name] != ["metadata.name"]:
+    problems.append("the worker container does not get POD_NAME from metadata.name")
 pm = docs.get("PodMonitor")
 if pm:
     sel = pm["spec"]["selector"].get("matchLabels", {})
     if not sel or any(pod_labels.get(k) != v for k, v in sel.items()):
-        problems.append(f"PodMonitor selector {sel} does not select the Deployment's pods {pod_labels}")
+        problems.append(f"PodMonitor selector {sel} does not select the StatefulSet's pods {pod_labels}")
     for ep in pm["spec"]["podMetricsEndpoints"]:
         if "port" in ep and ep["port"] not in ports:
             problems.append(f"PodMonitor port {ep['port']!r} is not a container port name ({ports})")
@@ -272,8 +293,8 @@ so = docs.get("ScaledObject")
 if so:
     spec = so["spec"]
     ref = spec["scaleTargetRef"]
-    if (ref.get("kind", "Deployment"), ref["name"]) != ("Deployment", deploy["metadata"]["name"]):
-        problems.append(f"ScaledObject targets {ref}, not Deployment {deploy['metadata']['name']}")
+    if (ref.get("kind", "Deployment"), ref["name"]) != ("StatefulSet", workers["metadata"]["name"]):
+        problems.append(f"ScaledObject targets {ref}, not StatefulSet {workers['metadata']['name']}")
     lo, hi = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
     if lo > hi:
         problems.append(f"ScaledObject minReplicaCount {lo} > maxReplicaCount {hi}")
@@ -286,7 +307,11 @@ if so:
         if md.get("topic") not in config["data"]["KAFKA_TOPICS"].split(","):
             problems.append(f"kafka trigger topic {md.get('topic')!r} not in KAFKA_TOPICS")
     (hpa,) = load("hpa-fallback.yaml")
-    if hpa["spec"]["scaleTargetRef"]["name"] != ref["name"] or hpa["spec"]["maxReplicas"] != hi:
+    if (
+        hpa["spec"]["scaleTargetRef"].get("kind") != ref.get("kind")
+        or hpa["spec"]["scaleTargetRef"]["name"] != ref["name"]
+        or hpa["spec"]["maxReplicas"] != hi
+    ):
         problems.append("hpa-fallback.yaml does not match the ScaledObject (target or max replicas)")
 
 # kustomization: every manifest listed except the documented alternatives.

@@ -17,6 +17,7 @@ import asyncpg
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from ingest.pipeline import sessions
 from ingest.pipeline.deadletter import DeadLetterPublisher
 from ingest.pipeline.positions import StoredPosition
 from ingest.pipeline.retry import Retries, Shutdown
@@ -27,8 +28,6 @@ from ingest.service.probes import Health
 from ingest.service.settings import Settings
 from ingest.service.topics import ensure_topics
 
-# How the worker's sessions show in pg_stat_activity.
-APPLICATION_NAME = "ingest"
 # Bound of closing each connection at shutdown.
 CLOSE_TIMEOUT_S = 5
 
@@ -64,16 +63,7 @@ class Connections:
         backoff = self._retries.backoff()
         while self.pool is None:
             try:
-                self.pool = await asyncpg.create_pool(
-                    s.database_url,
-                    min_size=s.database_pool_min,
-                    max_size=s.database_pool_max,
-                    max_inactive_connection_lifetime=s.database_idle_timeout_ms / 1000,
-                    timeout=s.database_connection_timeout_ms / 1000,
-                    server_settings={"application_name": APPLICATION_NAME},
-                    command_timeout=s.write_timeout_s,
-                    ssl=security.postgres_ssl(s),
-                )
+                self.pool = await sessions.open_pool(s)
             except Exception as exc:
                 if await self._shutdown.sleep(self._retries.delay_after(exc, backoff)):
                     return False
@@ -100,7 +90,9 @@ class Connections:
         )
         await self.producer.start()
         publisher = DeadLetterPublisher(self.producer, s.kafka_dlq_topic)
-        self.writer = BatchWriter(self.pool, s.kafka_group_id, publisher)
+        self.writer = BatchWriter(
+            self.pool, s.kafka_group_id, publisher, write_timeout_s=s.write_timeout_s
+        )
         self.source = EventSource(
             s, load_positions, on_revoked, self._kafka_options, on_seek=self.writer.reading_from
         )

@@ -62,7 +62,7 @@ class HealthWatch:
         writer = self._connections.writer
         assert writer is not None
         try:
-            await asyncio.wait_for(writer.ping(), PING_EVERY_S)
+            await writer.ping(PING_EVERY_S)
         except Exception as exc:
             if self._health.database_ok:
                 log.warning("database unreachable", error=short_error(exc))

@@ -3,9 +3,10 @@
 PostgreSQL errors are judged by SQLSTATE class:
 - ``DATA`` (22 data exception, 23 integrity violation): the batch is bisected and the
   offending records are dead-lettered as ``db_rejected``;
-- ``TRANSIENT`` (08 connection, 40 serialization/deadlock, 53 resources, 55 lock not
-  available, 57 operator intervention, 58 system, timeouts, broker errors): the same batch
-  is retried with capped exponential backoff and jitter;
+- ``TRANSIENT`` (08 connection, 25P03 idle-in-transaction timeout, 40 serialization/deadlock,
+  53 resources, 55P03 lock not available (``lock_timeout``), 57 operator intervention
+  (57014: ``statement_timeout``, a cancel), 58 system, timeouts, broker errors): the same
+  batch is retried with capped exponential backoff and jitter;
 - ``STANDING`` (42 undefined object / privilege, 3D database missing, 28 authentication,
   0A unsupported, 2B/3F), and a server certificate that does not verify (wrong CA, wrong
   host name): consumption pauses, readiness fails, retried slowly, logged once a minute;
@@ -86,6 +87,17 @@ def classify(exc: BaseException) -> Disposition:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return Disposition.STANDING
     return Disposition.TRANSIENT
+
+
+def session_may_linger(exc: BaseException) -> bool:
+    """Whether the server may still hold the session, with its open transaction's locks,
+    after this failure: the client gave up (a timeout, a cancellation) or lost the
+    connection without the server saying a word. An error the server reported has ended
+    the transaction and released its locks; a connection error (class 08) is the client's
+    own report of a lost connection, which the server may not share."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return sqlstate_class(exc) == "08"
+    return isinstance(exc, _CONNECTION_ERRORS | asyncio.CancelledError)
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -21,6 +21,7 @@ Only after that commit may the Kafka offsets move on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
@@ -41,9 +42,16 @@ from ingest.pipeline.deadletter import (
     DeadLetter,
     DeadLetterPublisher,
 )
-from ingest.pipeline.policy import Disposition, classify, sqlstate_class, sqlstate_of
+from ingest.pipeline.policy import (
+    Disposition,
+    classify,
+    session_may_linger,
+    sqlstate_class,
+    sqlstate_of,
+)
 from ingest.pipeline.positions import StoredPosition, fingerprint
 from ingest.pipeline.positions import load as load_stored_positions
+from ingest.pipeline.sessions import end_session
 from ingest.service import metrics
 
 log = structlog.get_logger("ingest.sink")
@@ -55,6 +63,13 @@ REPLAN_FIRST_S = 0.2
 # After a batch held events stored before, the next batches skip the COPY attempt: a
 # producer that repeats itself would otherwise make every batch pay a failed COPY first.
 INSERT_ONLY_AFTER_REPEATS = 20
+# An exchange past its time limit has its connection terminated at once; a wait that is not
+# on the connection (the dead letters' acknowledgements) is cancelled this much later.
+ABANDON_GRACE_S = 1.0
+# Bound of ending, from another connection, a session given up on (``_end_lost``).
+END_SESSION_TIMEOUT_S = 3.0
+# Bound of the check of a pooled connection after a session was lost (``_acquire``).
+CHECK_TIMEOUT_S = 1.0
 
 _LOCK_POSITIONS = """
 INSERT INTO ingest_consumer_offsets AS o (consumer_group, topic, partition, next_offset)
@@ -154,6 +169,41 @@ class Item(NamedTuple):
     timestamp: int = -1  # the record's, for the fingerprint stored with the position
 
 
+class SessionTimedOut(TimeoutError):
+    """An exchange with the database ran past its time limit: its connection was terminated
+    and its server session ended (transient, like any timeout)."""
+
+
+class _Limit:
+    """Terminates a connection when its exchange runs past ``limit_s``."""
+
+    def __init__(self, conn: asyncpg.Connection, limit_s: float | None) -> None:
+        self.expired = False
+        # When a wait that is not on the connection is cancelled (loop time).
+        self.backstop_at: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        if limit_s is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(limit_s, self._expire, conn)
+            self.backstop_at = loop.time() + limit_s + ABANDON_GRACE_S
+
+    def _expire(self, conn: asyncpg.Connection) -> None:
+        self.expired = True
+        _discard(conn)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _discard(conn: asyncpg.Connection) -> None:
+    """Terminate a pooled connection; the pool opens a fresh one on the next acquire."""
+    # Terminated already (by its time limit, or by asyncpg after a cancel request that got
+    # no answer), the connection is back with the pool, and its proxy refuses every call.
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
+
 class PositionsMovedBack(Exception):
     """Stored positions are behind where this writer's reads are: an operator moved them
     back (``ingest positions reset --force``) under a live worker. Nothing of the batch was
@@ -198,10 +248,22 @@ def _dead(item: Item, reason: str, detail: str, sqlstate: str | None = None) -> 
 class BatchWriter:
     """Stores batches of consumed records for one consumer group, exactly once per event."""
 
-    def __init__(self, pool: asyncpg.Pool, group_id: str, publisher: DeadLetterPublisher) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        group_id: str,
+        publisher: DeadLetterPublisher,
+        *,
+        write_timeout_s: float | None = None,
+    ) -> None:
+        """``write_timeout_s`` bounds each batch write and each read of the positions (None:
+        unbounded); see ``_session`` for what happens at the bound."""
         self._pool = pool
         self._group = group_id
         self._publisher = publisher
+        self._write_timeout_s = write_timeout_s
+        # A session was lost: check pooled connections before use (``_acquire``).
+        self._check_pooled = False
         # Per server process: (first seen, last re-planned).
         self._planned_at: dict[int, tuple[float, float]] = {}
         # Where this writer's reads continue per partition: the positions the reader sought
@@ -210,14 +272,14 @@ class BatchWriter:
         self._reading_from: dict[TopicPartitionKey, int] = {}
         self._insert_only_batches = 0
 
-    async def ping(self) -> None:
-        """Raise unless the database answers."""
-        async with self._session() as conn:
+    async def ping(self, timeout_s: float | None = None) -> None:
+        """Raise unless the database answers (within ``timeout_s``)."""
+        async with self._session(timeout_s) as conn:
             await conn.fetchval("SELECT 1")
 
     async def load_positions(self) -> dict[TopicPartitionKey, StoredPosition]:
         """The next offset to read per partition, as stored with the data."""
-        async with self._session() as conn:
+        async with self._session(self._write_timeout_s) as conn:
             return await load_stored_positions(conn, self._group)
 
     def reading_from(self, positions: dict[TopicPartitionKey, int]) -> None:
@@ -225,8 +287,11 @@ class BatchWriter:
         self._reading_from.update(positions)
 
     @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection that goes back to the pool only when its work succeeded.
+    async def _session(
+        self, limit_s: float | None = None, *, end_lost: bool = True
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection that goes back to the pool only when its work succeeded,
+        within ``limit_s`` (None: unbounded).
 
         A session PostgreSQL ended (failover, ``pg_terminate_backend``, an idle-session
         killer, a pooler) or an operation cut short by a timeout leaves the connection in an
@@ -235,24 +300,98 @@ class BatchWriter:
         any failure, cancellation included, the connection is terminated, never reset, and
         the next acquire opens a fresh one. After success, a failing reset is not the
         caller's failure: its work is done (a batch is committed), so it is logged only.
+
+        At ``limit_s`` (the reset included) the connection is terminated where it stands,
+        so every wait on it ends at once, and ``SessionTimedOut`` is raised. Cancelling the
+        task instead made asyncpg send a cancel request and a ROLLBACK down a flow that may
+        be gone and wait for them for another ``command_timeout``; by then asyncpg had
+        terminated the connection itself, and terminating it again raised ``InterfaceError:
+        cannot call Connection.terminate(): connection has been released back to the
+        pool``. A wait that is not on the connection (the dead letters' acknowledgements)
+        is cancelled ``ABANDON_GRACE_S`` later. Then, when the server may still hold the
+        session (``policy.session_may_linger``: a black-holed flow carries no FIN, and a
+        session inside a transaction keeps its locks on the positions), its server process
+        is ended from another connection (``_end_lost``).
         """
-        conn = await self._pool.acquire()
+        conn = await self._acquire()
+        pid = conn.get_server_pid()
+        limit = _Limit(conn, limit_s)
         try:
-            yield conn
-        except BaseException:
-            conn.terminate()
+            async with asyncio.timeout_at(limit.backstop_at):
+                yield conn
+        except BaseException as exc:
+            limit.cancel()
+            _discard(conn)
             metrics.DB_CONNECTIONS_DISCARDED.inc()
+            # Not on a cancellation (a shutdown): its deadline is not to be spent on this;
+            # the session's own limits end it on the server.
+            if limit.expired or (isinstance(exc, Exception) and session_may_linger(exc)):
+                self._check_pooled = True
+                if end_lost:
+                    await self._end_lost(pid)
+            if limit.expired and not isinstance(exc, asyncio.CancelledError):
+                raise SessionTimedOut(
+                    f"no answer from the database within {limit_s:g} s; session ended"
+                ) from exc
             raise
         try:
             await self._pool.release(conn)
         except Exception as exc:
             # asyncpg has terminated the connection already; the pool replaces it.
+            self._check_pooled = self._check_pooled or limit.expired
             metrics.DB_CONNECTIONS_DISCARDED.inc()
             metrics.DB_ERRORS.labels(sqlstate_class(exc)).inc()
             log.warning(
                 "discarded a connection whose reset failed after its work succeeded",
                 error=f"{type(exc).__name__}: {exc}"[:300],
             )
+        finally:
+            limit.cancel()
+
+    async def _acquire(self) -> asyncpg.Connection:
+        """A pooled connection. After a session was lost, connections are checked first
+        (``SELECT 1`` within ``CHECK_TIMEOUT_S``) until one answers: the other flows of the
+        same path may have vanished with it, the pool hands out its open connections before
+        it opens a new one, and each such connection would cost a whole time limit. One
+        that does not answer is terminated; the pool opens a fresh one in its place."""
+        attempts = self._pool.get_max_size() + 1
+        while True:
+            conn = await self._pool.acquire()
+            if not self._check_pooled:
+                return conn
+            limit = _Limit(conn, CHECK_TIMEOUT_S)
+            try:
+                await conn.fetchval("SELECT 1")
+            except BaseException as exc:
+                _discard(conn)
+                metrics.DB_CONNECTIONS_DISCARDED.inc()
+                attempts -= 1
+                if attempts == 0 or not isinstance(exc, Exception):
+                    raise
+                continue
+            finally:
+                limit.cancel()
+            self._check_pooled = False
+            return conn
+
+    async def _end_lost(self, pid: int) -> None:
+        """End server process ``pid``, whose session this writer gave up on, from another
+        connection, so that its locks go now rather than when the server's timeouts
+        (``sessions.SessionLimits``) end it. Bounded; a failure is logged, never raised."""
+        try:
+            async with self._session(END_SESSION_TIMEOUT_S, end_lost=False) as conn:
+                ended = await end_session(conn, pid, END_SESSION_TIMEOUT_S / 2)
+        except Exception as exc:
+            metrics.DB_SESSIONS_ENDED.labels("failed").inc()
+            log.warning(
+                "could not end a database session given up on; the server's timeouts will",
+                pid=pid,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
+            return
+        result = "gone" if ended is None else "ended" if ended else "failed"
+        metrics.DB_SESSIONS_ENDED.labels(result).inc()
+        log.warning("ended a database session given up on", pid=pid, result=result)
 
     async def write(self, items: Sequence[Item]) -> WriteResult:
         """Store a batch in one transaction; return only once it has committed.
@@ -263,7 +402,7 @@ class BatchWriter:
         result = WriteResult()
         if not items:
             return result
-        async with self._session() as conn:
+        async with self._session(self._write_timeout_s) as conn:
             await self._refresh_plans(conn)
             async with conn.transaction():
                 result = await self._write_in(conn, items, result)

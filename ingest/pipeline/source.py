@@ -39,7 +39,17 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import OffsetAndMetadata
 
-from ingest.pipeline.positions import StoredPosition, Verdict, check_within, reset_command
+from ingest.pipeline.positions import (
+    Check,
+    LogProbe,
+    LogView,
+    StoredPosition,
+    Verdict,
+    check,
+    check_within,
+    reset_command,
+    start_or_close,
+)
 from ingest.service import metrics
 from ingest.service.settings import Settings
 
@@ -101,6 +111,9 @@ class EventSource:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap_servers,
             group_id=settings.kafka_group_id,
+            # A static member (KIP-345) is not sent LeaveGroup on stop: a replacement under
+            # the same id within the session timeout takes its partitions back.
+            group_instance_id=settings.kafka_group_instance_id,
             enable_auto_commit=False,
             # 'none': an out-of-range position raises, so a skip is loud, never silent.
             auto_offset_reset="none",
@@ -129,6 +142,11 @@ class EventSource:
         # Held because the broker refused their fetch position, not yet explained.
         self._unexplained: set[TopicPartition] = set()
         self._held_checked_at = 0.0
+        # The client that checks stored positions, started once: a client of its own per
+        # assignment cost a connection, metadata and version round trips inside the
+        # assignment callback, before which aiokafka sends no heartbeat.
+        self._probe: LogProbe | None = None
+        self._probe_lock = asyncio.Lock()
 
         self.stalls: dict[TopicPartition, Stall] = {}
         # Partitions that raised an undecodable batch and are read one record at a time until
@@ -137,16 +155,32 @@ class EventSource:
         self._isolating_since = 0.0
 
     async def start(self) -> None:
-        """Connect and subscribe (the group is joined on the first fetch)."""
+        """Connect and subscribe (aiokafka joins the group in the background), then start
+        the position checker while the join is under way."""
         await self.consumer.start()
         self.consumer.subscribe(list(self._settings.kafka_topics), listener=_Listener(self))
         for topic in self._settings.kafka_topics:
             # Exported at 0 from the start: the first skip is then an increase alerts see.
             metrics.OFFSET_RESETS.labels(topic)
+        probe = LogProbe(
+            self._settings.kafka_bootstrap_servers, self._kafka_options, CHECK_TIMEOUT_S
+        )
+        try:
+            await start_or_close(probe.consumer)
+        except Exception as exc:
+            # Each check then starts a client of its own (check_within).
+            log.warning("position checker not started", error=_short(exc))
+        else:
+            self._probe = probe
 
     async def stop(self) -> None:
-        """Leave the group and close connections."""
+        """Close connections. A dynamic member leaves the group; a static one does not
+        (its partitions wait for its replacement for up to the session timeout)."""
         await self.consumer.stop()
+        if self._probe is not None:
+            probe, self._probe = self._probe, None
+            with contextlib.suppress(Exception):
+                await probe.consumer.stop()
         self.stalls.clear()
         metrics.PARTITIONS_STALLED.set(0)
 
@@ -459,12 +493,7 @@ class EventSource:
         if not stored:
             return skipped_to
         try:
-            checks = await check_within(
-                self._settings.kafka_bootstrap_servers,
-                self._kafka_options,
-                stored,
-                CHECK_TIMEOUT_S,
-            )
+            checks = await self._check(stored)
         except Exception as exc:
             if first and not out_of_range:
                 log.warning(
@@ -626,6 +655,27 @@ class EventSource:
     def _count_held(self) -> None:
         metrics.PARTITIONS_HELD.set(len(self.held))
         metrics.PARTITIONS_AT_RETENTION_GAP.set(len(self.gaps))
+
+    async def _check(
+        self, stored: dict[TopicPartition, StoredPosition]
+    ) -> dict[TopicPartition, tuple[Check, LogView]]:
+        """``positions.check`` on the long-lived checker (one check at a time: the assignment
+        callback and the held re-check share it), bounded by ``CHECK_TIMEOUT_S``."""
+        async with self._probe_lock:
+            probe = self._probe
+            if probe is None:
+                return await check_within(
+                    self._settings.kafka_bootstrap_servers,
+                    self._kafka_options,
+                    stored,
+                    CHECK_TIMEOUT_S,
+                )
+            try:
+                async with asyncio.timeout(CHECK_TIMEOUT_S):
+                    return await check(probe, stored)
+            finally:
+                # An assigned client keeps fetching in the background: release the partitions.
+                probe.consumer.unsubscribe()
 
     def seek(self, positions: dict[tuple[str, int], int]) -> None:
         """Continue reading the owned ones of these partitions at these offsets."""

@@ -77,7 +77,6 @@ class Worker:
             self.shutdown,
             self.health,
             self.breaker,
-            settings.write_timeout_s,
             on_reset=self._follow_reset,
         )
         self._watch = HealthWatch(self.health, self.connections, self._writes.idle)
@@ -112,6 +111,7 @@ class Worker:
             kafka=self.settings.kafka_bootstrap_servers,
             topics=list(self.settings.kafka_topics),
             group=self.settings.kafka_group_id,
+            group_instance_id=self.settings.kafka_group_instance_id,
             dlq=self.settings.kafka_dlq_topic,
             http_port=self.probes.port,
         )

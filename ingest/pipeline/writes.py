@@ -94,7 +94,6 @@ class InFlightWrite:
         shutdown: Shutdown,
         health: Health,
         breaker: DeadLetterBreaker,
-        write_timeout_s: float,
         on_reset: OnReset,
     ) -> None:
         self._connections = connections
@@ -102,7 +101,6 @@ class InFlightWrite:
         self._shutdown = shutdown
         self._health = health
         self._breaker = breaker
-        self._write_timeout_s = write_timeout_s
         self._on_reset = on_reset
         # Set while no database write is under way (a commit to Kafka may be).
         self.idle = asyncio.Event()
@@ -172,8 +170,8 @@ class InFlightWrite:
                     return None
                 started = time.perf_counter()
                 try:
-                    # A dead peer can leave a socket read hanging: bound the whole batch.
-                    result = await asyncio.wait_for(writer.write(items), self._write_timeout_s)
+                    # Bounded by INGEST_WRITE_TIMEOUT_S: a dead peer can leave a read hanging.
+                    result = await writer.write(items)
                 except PositionsMovedBack as moved:
                     items = self._on_reset(moved.positions, items)
                     continue

@@ -138,6 +138,12 @@ DB_CONNECTIONS_DISCARDED: Final = Counter(
     "ingest_db_connections_discarded",
     "Pool connections terminated instead of reused: their session failed or was ended.",
 )
+DB_SESSIONS_ENDED: Final = Counter(
+    "ingest_db_sessions_ended",
+    "Server sessions of exchanges that ran past their time limit, ended from another "
+    "connection (pg_terminate_backend), by result: ended, gone (ended already), failed.",
+    ["result"],
+)
 RETRIES: Final = Counter("ingest_retries", "Retried operations by target.", ["target"])
 OFFSET_RESETS: Final = Counter(
     "ingest_offset_resets",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -23,6 +23,14 @@ SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 # What a stored position below the broker's log start leads to: hold the partition until an
 # operator accepts the loss (``ingest positions reset``), or skip to the earliest record.
 RETENTION_GAP_ACTIONS = ("hold", "skip")
+# Kafka's rule for group.instance.id (JoinGroupRequest.validateGroupInstanceId): what a
+# Kubernetes pod name (a DNS subdomain) always satisfies.
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,249}")
+# A static member's session timeout when KAFKA_SESSION_TIMEOUT_MS is not set: it must
+# outlast a restart (a pod stopped and started again under its name), or the broker drops
+# the member and rebalances the group (docs/operations.md, "Deploys: StatefulSet and static group
+# membership").
+STATIC_SESSION_TIMEOUT_MS = 30_000
 
 
 class ConfigError(Exception):
@@ -51,6 +59,12 @@ class Settings:
     database_pool_max: int = 10
     database_idle_timeout_ms: int = 10_000
     database_connection_timeout_ms: int = 2_000
+    # None: half the write timeout.
+    database_lock_timeout_ms: int | None = None
+    database_keepalives_idle_s: int = 30
+    database_keepalives_interval_s: int = 10
+    database_keepalives_count: int = 3
+    database_tcp_user_timeout_ms: int = 60_000
     database_ssl_mode: str | None = None
     database_ssl_root_cert: str | None = None
     database_ssl_cert: str | None = None
@@ -58,6 +72,8 @@ class Settings:
     kafka_bootstrap_servers: str = "localhost:9092"
     kafka_topics: tuple[str, ...] = ("call-events",)
     kafka_group_id: str = "call-events-ingest"
+    # Static group membership (KIP-345): None is a dynamic member.
+    kafka_group_instance_id: str | None = None
     kafka_dlq_topic: str = "call-events.dlq"
     kafka_dlq_create: bool = False
     kafka_dlq_partitions: int = 0
@@ -80,7 +96,7 @@ class Settings:
     batch_max_wait_ms: int = 200
     http_port: int = 8080
     shutdown_timeout_s: float = 25.0
-    write_timeout_s: float = 60.0
+    write_timeout_s: float = 10.0
     rebalance_timeout_s: float = 10.0
     retry_max_backoff_s: float = 10.0
     max_batch_bytes: int = 16 * 1024 * 1024
@@ -130,6 +146,21 @@ class Settings:
             database_connection_timeout_ms=get(
                 "DATABASE_CONNECTION_TIMEOUT", _int(1, 600_000), "database_connection_timeout_ms"
             ),
+            database_lock_timeout_ms=get(
+                "DATABASE_LOCK_TIMEOUT", _int(1, 3_600_000), "database_lock_timeout_ms"
+            ),
+            database_keepalives_idle_s=get(
+                "DATABASE_KEEPALIVES_IDLE", _int(1, 32_767), "database_keepalives_idle_s"
+            ),
+            database_keepalives_interval_s=get(
+                "DATABASE_KEEPALIVES_INTERVAL", _int(1, 32_767), "database_keepalives_interval_s"
+            ),
+            database_keepalives_count=get(
+                "DATABASE_KEEPALIVES_COUNT", _int(1, 127), "database_keepalives_count"
+            ),
+            database_tcp_user_timeout_ms=get(
+                "DATABASE_TCP_USER_TIMEOUT", _int(1_000, 3_600_000), "database_tcp_user_timeout_ms"
+            ),
             database_ssl_mode=get("DATABASE_SSL_MODE", _choice(SSL_MODES), "database_ssl_mode"),
             database_ssl_root_cert=get("DATABASE_SSL_ROOT_CERT", _file, "database_ssl_root_cert"),
             database_ssl_cert=get("DATABASE_SSL_CERT", _file, "database_ssl_cert"),
@@ -150,6 +181,7 @@ class Settings:
             kafka_ssl_key_file=get("KAFKA_SSL_KEY_FILE", _file, "kafka_ssl_key_file"),
             kafka_topics=get("KAFKA_TOPICS", _topics, "kafka_topics"),
             kafka_group_id=get("KAFKA_GROUP_ID", _text, "kafka_group_id"),
+            kafka_group_instance_id=_group_instance_id(e),
             kafka_dlq_topic=get("KAFKA_DLQ_TOPIC", _text, "kafka_dlq_topic"),
             kafka_dlq_create=get("KAFKA_DLQ_CREATE", _bool, "kafka_dlq_create"),
             kafka_dlq_partitions=get(
@@ -219,10 +251,20 @@ class Settings:
             readonly_password=get("INGEST_READONLY_PASSWORD", _text, "readonly_password"),
             log_level=get("LOG_LEVEL", _log_level, "log_level"),
         )
+        if s.kafka_group_instance_id and _value(e, "KAFKA_SESSION_TIMEOUT_MS") is None:
+            s = replace(s, kafka_session_timeout_ms=STATIC_SESSION_TIMEOUT_MS)
         if s.database_pool_min > s.database_pool_max:
             raise ConfigError(
                 f"DATABASE_POOL_MIN ({s.database_pool_min}) must not exceed "
                 f"DATABASE_POOL_MAX ({s.database_pool_max})"
+            )
+        if s.database_lock_timeout_ms is not None and (
+            s.database_lock_timeout_ms >= s.write_timeout_s * 1000
+        ):
+            # The write timeout would end every lock wait first, and the session with it.
+            raise ConfigError(
+                f"DATABASE_LOCK_TIMEOUT ({s.database_lock_timeout_ms} ms) must be shorter than "
+                f"INGEST_WRITE_TIMEOUT_S ({s.write_timeout_s:g} s)"
             )
         if s.kafka_security_protocol.startswith("SASL_") and not (
             s.kafka_sasl_username and s.kafka_sasl_password
@@ -297,6 +339,23 @@ def _value(env: Mapping[str, str], name: str) -> str | None:
         except OSError as exc:
             raise ConfigError(f"{name}_FILE: cannot read {path!r}: {exc.strerror}") from None
     return None
+
+
+def _group_instance_id(env: Mapping[str, str]) -> str | None:
+    """``KAFKA_GROUP_INSTANCE_ID``; unset, the pod name (``POD_NAME``, from the Downward
+    API); ``off`` for a dynamic member even where a pod name is set."""
+    raw = _value(env, "KAFKA_GROUP_INSTANCE_ID")
+    name = "KAFKA_GROUP_INSTANCE_ID"
+    if raw is None:
+        raw, name = _value(env, "POD_NAME"), "POD_NAME"
+    if raw is None or raw.lower() == "off":
+        return None
+    if not _INSTANCE_ID.fullmatch(raw) or raw in (".", ".."):
+        raise ConfigError(
+            f"{name} must be up to 249 of the characters a-z A-Z 0-9 . _ - (a group "
+            f"instance id), got {raw!r}"
+        )
+    return raw
 
 
 def _text(name: str, raw: str) -> str:

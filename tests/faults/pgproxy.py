@@ -15,6 +15,10 @@ connection for open and fails with ``InternalClientError`` ("cannot switch to st
 another operation (2) is in progress"), held open so that the test does not depend on luck.
 
 Only plain (``sslmode=disable``) sessions can be read; a cancel request is passed through.
+
+``FlowFreezer`` reads the same protocol to black-hole flows instead of ending sessions: at a
+point of the batch transaction it stops forwarding in both directions and keeps both sockets
+open, as a lost NAT or load-balancer entry does, so that neither side ever learns of it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import time
 from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -238,3 +243,183 @@ class SessionTerminator:
         async with self._admin_lock:
             # Waits (up to 5 s) until the backend is gone, as a real termination would be.
             await self._admin.fetchval("SELECT pg_terminate_backend($1, 5000)", s.pid)
+
+
+# ------------------------------------------------------------------ black-holed flows
+
+# Where a flow can be frozen, in the order a batch reaches them.
+BETWEEN = "between transactions"
+AFTER_LOCK = "after BEGIN and the positions lock"
+FREEZE_DURING_COPY = "during COPY"
+FREEZE_BEFORE_COMMIT = "before COMMIT"
+FREEZE_POINTS = (BETWEEN, AFTER_LOCK, FREEZE_DURING_COPY, FREEZE_BEFORE_COMMIT)
+
+
+@dataclass(eq=False)
+class _Flow:
+    """One proxied connection, as far as freezing it goes."""
+
+    in_transaction: bool = False
+    statements_in_transaction: int = 0
+    in_copy: bool = False
+    frozen: bool = False
+
+
+class FlowFreezer:
+    """Proxies ``upstream_url``'s server on a local port; once armed, black-holes the first
+    flow that reaches ``point``, and with it every other flow open at that moment, the way a
+    lost NAT or load-balancer entry or a hung pooler does: nothing more is forwarded either
+    way, and both sockets stay open, so no FIN and no RST ever reaches the client or the
+    server. Connections opened afterwards are served as usual.
+
+    The first flow freezes at ``point`` of a batch transaction: before ``BEGIN`` (between
+    transactions: the server holds nothing for it), at the statement after the first one
+    in the transaction (the positions lock is held), after the first data message of a
+    ``COPY``, or before ``COMMIT``. Only plain (``sslmode=disable``) sessions can be read.
+    """
+
+    def __init__(self, upstream_url: str, point: str) -> None:
+        if point not in FREEZE_POINTS:
+            raise ValueError(f"unknown point {point!r}")
+        self._upstream = urlsplit(upstream_url)
+        self.point = point
+        self.armed = False
+        # When (time.monotonic()) the flows froze, and how many.
+        self.frozen_at: float | None = None
+        self.frozen_flows = 0
+        self._flows: set[_Flow] = set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._stopping = asyncio.Event()
+        self.port = 0
+
+    async def __aenter__(self) -> FlowFreezer:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        # Only now do the frozen flows' sockets close, and with them every relay.
+        self._stopping.set()
+        for w in self._writers:
+            w.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def url(self) -> str:
+        """The upstream URL, through the proxy, in plain text (the proxy reads the protocol)."""
+        u = self._upstream
+        netloc = f"{u.username}@127.0.0.1:{self.port}" if u.username else f"127.0.0.1:{self.port}"
+        query = "&".join(q for q in [u.query, "sslmode=disable"] if q)
+        return urlunsplit((u.scheme, netloc, u.path, query, ""))
+
+    def arm(self) -> None:
+        """Freeze at the next flow that reaches the point."""
+        self.armed = True
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.append(client_w)
+        flow = _Flow()
+        try:
+            host, port = self._upstream.hostname or "127.0.0.1", self._upstream.port or 5432
+            server_r, server_w = await asyncio.open_connection(host, port)
+            self._writers.append(server_w)
+            self._flows.add(flow)
+            relays = {
+                asyncio.create_task(self._relay_server(server_r, client_w, flow)),
+                asyncio.create_task(self._relay_client(client_r, server_w, flow)),
+            }
+            # A frozen flow's relays never end: its sockets stay open until the proxy stops.
+            _, pending = await asyncio.wait(relays, return_when="FIRST_COMPLETED")
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*relays, return_exceptions=True)
+            server_w.close()
+            client_w.close()
+        except OSError:
+            client_w.close()
+        finally:
+            self._flows.discard(flow)
+            self._tasks.discard(task)
+
+    def _freeze(self, flow: _Flow) -> None:
+        self.armed = False
+        self.frozen_at = time.monotonic()
+        for f in self._flows | {flow}:
+            f.frozen = True
+        self.frozen_flows = len(self._flows | {flow})
+
+    async def _hold(self) -> None:
+        """Forward nothing more, read nothing more, close nothing: until the proxy stops."""
+        await self._stopping.wait()
+
+    async def _relay_server(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, flow: _Flow
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := await r.read(65536):
+                if flow.frozen:
+                    break
+                w.write(chunk)
+                await w.drain()
+        if flow.frozen:  # the server's FIN (or anything after it) goes nowhere
+            await self._hold()
+
+    async def _relay_client(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, flow: _Flow
+    ) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, OSError):
+            while True:  # start-up packets: no type byte
+                head = await r.readexactly(8)
+                length, code = struct.unpack("!II", head)
+                w.write(head + await r.readexactly(length - 8))
+                await w.drain()
+                if code == _CANCEL_REQUEST:
+                    return
+                if code not in (_SSL_REQUEST, _GSSENC_REQUEST):
+                    break
+            while True:
+                head = await r.readexactly(5)
+                kind, length = head[:1], struct.unpack("!I", head[1:])[0]
+                message = head + await r.readexactly(length - 4)
+                if flow.frozen:
+                    break
+                point = self._point(kind, message[5:], flow)
+                if self.armed and point == self.point and point != FREEZE_DURING_COPY:
+                    self._freeze(flow)
+                    break
+                w.write(message)
+                await w.drain()
+                if self.armed and point == self.point:
+                    self._freeze(flow)
+                    break
+        if flow.frozen:  # the client's FIN or RST goes nowhere
+            await self._hold()
+
+    @staticmethod
+    def _point(kind: bytes, body: bytes, flow: _Flow) -> str | None:
+        if kind == b"Q":
+            sql = body.rstrip(b"\x00").decode(errors="replace").lstrip().upper()
+            if sql.startswith("BEGIN"):
+                flow.in_transaction, flow.statements_in_transaction = True, 0
+                return BETWEEN
+            if sql.startswith("COPY"):
+                flow.in_copy = True
+            elif sql.startswith(("COMMIT", "ROLLBACK")):
+                flow.in_transaction = False
+                return FREEZE_BEFORE_COMMIT if sql.startswith("COMMIT") else None
+            return None
+        if kind == b"d" and flow.in_copy:
+            flow.in_copy = False  # the first data message of the COPY only
+            return FREEZE_DURING_COPY
+        if kind == b"B" and flow.in_transaction:
+            flow.statements_in_transaction += 1
+            # The transaction's first statement locks the positions; this is the next one.
+            if flow.statements_in_transaction == 2:
+                return AFTER_LOCK
+        return None

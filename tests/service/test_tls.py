@@ -32,6 +32,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.helpers import create_ssl_context
 
+from ingest.pipeline.sessions import SessionLimits, open_pool
+from ingest.service.settings import Settings
 from ingest.tools.devbroker import TansuBroker, free_port
 from ingest.tools.migrate import Migrator, discover
 from tests.pki import SERVER_NAME, Pki, make_pki
@@ -160,6 +162,25 @@ async def test_verify_full_connects_over_tls_and_the_worker_stores_events(
     assert encrypted
     assert all(r["ssl"] for r in encrypted)
     assert stored == len(pub.records)
+
+
+async def test_a_worker_session_over_tls_keeps_alive_on_its_own_socket_too(
+    tls_database: str,
+) -> None:
+    settings = Settings.from_env({"DATABASE_URL": tls_database, "DATABASE_POOL_MIN": "1"})
+    pool = await open_pool(settings)
+    try:
+        async with pool.acquire() as conn:
+            encrypted = await conn.fetchval(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            )
+            sock = conn._transport.get_extra_info("socket")
+            options = SessionLimits.of(settings).socket_options()
+            on_socket = [(lvl, opt, sock.getsockopt(lvl, opt)) for lvl, opt, _ in options]
+    finally:
+        await pool.close()
+    assert encrypted
+    assert on_socket == options
 
 
 def _metric(text: str, name: str) -> float:

@@ -176,3 +176,4 @@ def test_bench_help_names_the_history_options() -> None:
     ).stdout
     assert "--history-days" in out
     assert "--timescaledb-url" in out
+    assert "--rolling" in out

@@ -16,6 +16,9 @@ measured side by side in one run on the same broker, on PostgreSQL and on Timesc
    (commit time minus event time);
 5. one table and a JSON file with the machine's description.
 
+``--rolling`` measures something else instead: a rolling restart of worker replicas under
+a steady load (see ``rolling.py``).
+
 After every run that writes, the benchmark checks that each event of the corpus is stored
 exactly once.
 """
@@ -29,6 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
@@ -66,6 +70,7 @@ from ingest.tools.bench.report import (
     machine,
     table,
 )
+from ingest.tools.bench.rolling import describe, rolling
 from ingest.tools.devbroker import LOCAL_ADMIN_URL, broker_or_env
 from ingest.tools.migrate import schema_dir
 
@@ -301,13 +306,29 @@ def parser() -> argparse.ArgumentParser:
         default=1800,
         help="seconds before a drain is cut short (its row then says so)",
     )
-    p.add_argument("--output", type=Path, default=Path("bench-results/latest.json"))
+    p.add_argument(
+        "--rolling",
+        action="store_true",
+        help="only a rolling restart of --rolling-replicas workers at --rolling-rate ev/s",
+    )
+    p.add_argument("--rolling-rate", type=float, default=3_000)
+    p.add_argument("--rolling-replicas", type=_at_least_one, default=3)
+    p.add_argument(
+        "--rolling-membership",
+        choices=("static", "dynamic"),
+        default="static",
+        help="static: each replica keeps its KAFKA_GROUP_INSTANCE_ID across its restart",
+    )
+    p.add_argument("--output", type=Path, default=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """``ingest bench``."""
     args = parser().parse_args(argv)
+    if args.rolling:
+        return _rolling(args)
+    args.output = args.output or Path("bench-results/latest.json")
     if args.queries is None:
         args.queries = schema_dir() / "queries"
     with broker_or_env() as (bootstrap, broker):
@@ -317,6 +338,35 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_bytes(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2) + b"\n")
     print(f"written {args.output}", file=sys.stderr)
     return 0
+
+
+def _rolling(args: argparse.Namespace) -> int:
+    pg = os.environ.get("BENCH_DATABASE_URL")
+    with broker_or_env() as (bootstrap, _broker):
+        result = asyncio.run(_rolling_run(args, bootstrap, pg))
+    print(describe(result))
+    output = args.output or Path(f"bench-results/rolling-{result.membership}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2) + b"\n")
+    print(f"written {output}", file=sys.stderr)
+    return 0 if result.exact else 1
+
+
+async def _rolling_run(args: argparse.Namespace, bootstrap: str, pg: str | None) -> Any:
+    url, created = await bench_database(pg, pg or LOCAL_ADMIN_URL)
+    try:
+        return await rolling(
+            Target(url),
+            bootstrap,
+            args.rolling_rate,
+            args.rolling_replicas,
+            static=args.rolling_membership == "static",
+            seed=args.seed + 2,
+            say=_say,
+        )
+    finally:
+        if created:
+            await drop_database(LOCAL_ADMIN_URL, url)
 
 
 if __name__ == "__main__":

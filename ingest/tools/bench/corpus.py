@@ -84,13 +84,13 @@ async def clean(target: Target) -> None:
         await conn.close()
 
 
-async def create_topic(bootstrap: str, name: str) -> None:
+async def create_topic(bootstrap: str, name: str, partitions: int = PARTITIONS) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         await admin.create_topics(
             [
-                NewTopic(name, num_partitions=PARTITIONS, replication_factor=1),
+                NewTopic(name, num_partitions=partitions, replication_factor=1),
                 NewTopic(f"{name}.dlq", num_partitions=1, replication_factor=1),
             ]
         )

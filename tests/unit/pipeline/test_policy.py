@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import ssl
 
@@ -15,9 +16,11 @@ from ingest.pipeline.policy import (
     Disposition,
     classify,
     is_retryable,
+    session_may_linger,
     sqlstate_class,
     sqlstate_of,
 )
+from ingest.pipeline.sink import PositionsMovedBack, SessionTimedOut
 
 
 @pytest.mark.parametrize(
@@ -78,6 +81,67 @@ def test_concurrency_resource_and_connection_errors_are_transient(
 )
 def test_setup_errors_are_standing(exc_type: type[asyncpg.PostgresError]) -> None:
     assert classify(exc_type("fix me")) is Disposition.STANDING
+
+
+@pytest.mark.parametrize(
+    ("exc_type", "sqlstate"),
+    [
+        (pg.LockNotAvailableError, "55P03"),  # lock_timeout
+        (pg.QueryCanceledError, "57014"),  # statement_timeout
+        (pg.IdleInTransactionSessionTimeoutError, "25P03"),  # the server ended an idle one
+    ],
+)
+def test_what_the_session_limits_raise_is_transient_and_retryable(
+    exc_type: type[asyncpg.PostgresError], sqlstate: str
+) -> None:
+    exc = exc_type("canceling statement due to a limit")
+
+    assert sqlstate_of(exc) == sqlstate
+    assert classify(exc) is Disposition.TRANSIENT
+    assert is_retryable(exc)
+
+
+def test_an_exchange_past_its_time_limit_is_transient_and_retryable() -> None:
+    exc = SessionTimedOut("no answer from the database within 10 s; session ended")
+
+    assert classify(exc) is Disposition.TRANSIENT
+    assert is_retryable(exc)
+    assert sqlstate_class(exc) == "connection"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        SessionTimedOut("no answer"),
+        TimeoutError(),
+        asyncio.CancelledError(),
+        ConnectionResetError(104, "Connection reset by peer"),
+        OSError(110, "Connection timed out"),  # TCP_USER_TIMEOUT or keepalives
+        asyncpg.InterfaceError("connection is closed"),
+        asyncpg.InternalClientError("cannot switch to state 15"),
+        pg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+    ],
+)
+def test_a_session_given_up_or_lost_by_the_client_may_linger_on_the_server(
+    exc: BaseException,
+) -> None:
+    assert session_may_linger(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pg.LockNotAvailableError("lock timeout"),
+        pg.QueryCanceledError("statement timeout"),
+        pg.AdminShutdownError("terminating connection due to administrator command"),
+        pg.UniqueViolationError("duplicate key"),
+        KafkaConnectionError("broker down"),
+        PositionsMovedBack({("t", 0): 5}),
+        ValueError("bug"),
+    ],
+)
+def test_a_session_still_answering_after_the_failure_does_not_linger(exc: BaseException) -> None:
+    assert not session_may_linger(exc)
 
 
 @pytest.mark.parametrize(

@@ -234,6 +234,73 @@ def test_pool_min_equal_to_max_is_accepted() -> None:
     assert (s.database_pool_min, s.database_pool_max) == (4, 4)
 
 
+# --- the database sessions' limits -----------------------------------------------------------
+
+
+def test_session_limits_default_to_seconds_for_a_batch_and_a_minute_for_a_dead_peer() -> None:
+    s = load()
+
+    assert s.write_timeout_s == 10.0
+    assert s.database_lock_timeout_ms is None  # half the write timeout
+    assert (
+        s.database_keepalives_idle_s,
+        s.database_keepalives_interval_s,
+        s.database_keepalives_count,
+    ) == (30, 10, 3)
+    assert s.database_tcp_user_timeout_ms == 60_000
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "attr", "expected"),
+    [
+        ("INGEST_WRITE_TIMEOUT_S", "30", "write_timeout_s", 30.0),
+        ("DATABASE_LOCK_TIMEOUT", "250", "database_lock_timeout_ms", 250),
+        ("DATABASE_KEEPALIVES_IDLE", "5", "database_keepalives_idle_s", 5),
+        ("DATABASE_KEEPALIVES_INTERVAL", "2", "database_keepalives_interval_s", 2),
+        ("DATABASE_KEEPALIVES_COUNT", "9", "database_keepalives_count", 9),
+        ("DATABASE_TCP_USER_TIMEOUT", "15000", "database_tcp_user_timeout_ms", 15_000),
+    ],
+)
+def test_each_session_limit_is_parsed(variable: str, raw: str, attr: str, expected: Any) -> None:
+    assert getattr(load(**{variable: raw}), attr) == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("INGEST_WRITE_TIMEOUT_S", "0.5"),
+        ("INGEST_WRITE_TIMEOUT_S", "3601"),
+        ("DATABASE_LOCK_TIMEOUT", "0"),
+        ("DATABASE_LOCK_TIMEOUT", "5s"),
+        ("DATABASE_KEEPALIVES_IDLE", "0"),
+        ("DATABASE_KEEPALIVES_IDLE", "32768"),
+        ("DATABASE_KEEPALIVES_INTERVAL", "0"),
+        ("DATABASE_KEEPALIVES_INTERVAL", "1.5"),
+        ("DATABASE_KEEPALIVES_COUNT", "0"),
+        ("DATABASE_KEEPALIVES_COUNT", "128"),
+        ("DATABASE_TCP_USER_TIMEOUT", "999"),
+        ("DATABASE_TCP_USER_TIMEOUT", "3600001"),
+    ],
+)
+def test_bad_session_limit_raises_config_error_naming_the_variable(variable: str, raw: str) -> None:
+    assert config_error({"DATABASE_URL": URL, variable: raw}).startswith(variable)
+
+
+def test_lock_timeout_not_shorter_than_the_write_timeout_is_rejected() -> None:
+    message = config_error(
+        {"DATABASE_URL": URL, "INGEST_WRITE_TIMEOUT_S": "5", "DATABASE_LOCK_TIMEOUT": "5000"}
+    )
+
+    assert message.startswith("DATABASE_LOCK_TIMEOUT")
+    assert "INGEST_WRITE_TIMEOUT_S" in message
+
+
+def test_lock_timeout_just_below_the_write_timeout_is_accepted() -> None:
+    s = load(INGEST_WRITE_TIMEOUT_S="5", DATABASE_LOCK_TIMEOUT="4999")
+
+    assert s.database_lock_timeout_ms == 4_999
+
+
 def test_dlq_topic_must_not_be_a_source_topic() -> None:
     message = config_error({"DATABASE_URL": URL, "KAFKA_TOPICS": "a,b", "KAFKA_DLQ_TOPIC": "b"})
 
@@ -335,6 +402,59 @@ def test_a_longer_session_timeout_leaves_the_request_timeout_valid() -> None:
     s = load(KAFKA_SESSION_TIMEOUT_MS="45000")
 
     assert (s.kafka_session_timeout_ms, s.kafka_request_timeout_ms) == (45_000, 15_000)
+# --- static group membership ----------------------------------------------------------------
+
+
+def test_a_dynamic_member_by_default() -> None:
+    assert load().kafka_group_instance_id is None
+
+
+def test_group_instance_id_is_read() -> None:
+    assert load(KAFKA_GROUP_INSTANCE_ID="ingest-2").kafka_group_instance_id == "ingest-2"
+
+
+def test_group_instance_id_defaults_to_the_pod_name() -> None:
+    assert load(POD_NAME="ingest-worker-1").kafka_group_instance_id == "ingest-worker-1"
+
+
+def test_group_instance_id_wins_over_the_pod_name() -> None:
+    s = load(POD_NAME="ingest-worker-1", KAFKA_GROUP_INSTANCE_ID="replica-a")
+
+    assert s.kafka_group_instance_id == "replica-a"
+
+
+def test_group_instance_id_off_makes_a_dynamic_member_despite_a_pod_name() -> None:
+    assert (
+        load(POD_NAME="ingest-worker-1", KAFKA_GROUP_INSTANCE_ID="off").kafka_group_instance_id
+        is None
+    )
+
+
+def test_a_dynamic_member_has_a_10_s_session() -> None:
+    assert load().kafka_session_timeout_ms == 10_000
+
+
+def test_a_static_member_has_a_30_s_session_to_outlast_a_restart() -> None:
+    assert load(POD_NAME="ingest-0").kafka_session_timeout_ms == 30_000
+
+
+def test_a_static_members_session_timeout_may_be_set() -> None:
+    s = load(POD_NAME="ingest-0", KAFKA_SESSION_TIMEOUT_MS="20000")
+
+    assert s.kafka_session_timeout_ms == 20_000
+
+
+@pytest.mark.parametrize("raw", ["a b", "pod/1", "..", "x" * 250, "ünïcode"])
+def test_group_instance_id_outside_kafkas_rule_is_rejected(raw: str) -> None:
+    message = config_error({"DATABASE_URL": URL, "KAFKA_GROUP_INSTANCE_ID": raw})
+
+    assert message.startswith("KAFKA_GROUP_INSTANCE_ID must be")
+
+
+def test_a_bad_pod_name_is_reported_as_pod_name() -> None:
+    message = config_error({"DATABASE_URL": URL, "POD_NAME": "a b"})
+
+    assert message.startswith("POD_NAME must be")
 
 
 # --- *_FILE ---------------------------------------------------------------------------------
