@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ingest.pipeline.source import EventSource
     from ingest.service.probes import Health
 
+# Logged as the worker: these lines are the worker's, whichever module holds the code.
 log = structlog.get_logger("ingest.worker")
 
 

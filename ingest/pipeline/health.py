@@ -17,6 +17,7 @@ from ingest.pipeline.source import EventSource
 from ingest.service import metrics
 from ingest.service.probes import Health
 
+# Logged as the worker: these lines are the worker's, whichever module holds the code.
 log = structlog.get_logger("ingest.worker")
 
 # Seconds between pings of the database, and the bound of each.

@@ -21,6 +21,7 @@ from ingest.pipeline.policy import Backoff, Disposition, classify, sqlstate_clas
 from ingest.service import metrics
 from ingest.service.probes import Health
 
+# Logged as the worker: these lines are the worker's, whichever module holds the code.
 log = structlog.get_logger("ingest.worker")
 
 STANDING_LOG_EVERY_S = 60.0

@@ -26,6 +26,7 @@ from ingest.pipeline.sink import Item, PositionsMovedBack, WriteResult
 from ingest.service import metrics
 from ingest.service.probes import Health
 
+# Logged as the worker: these lines are the worker's, whichever module holds the code.
 log = structlog.get_logger("ingest.worker")
 
 # A write in flight longer than this pauses the partitions (backpressure).
