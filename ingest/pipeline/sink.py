@@ -749,9 +749,14 @@ async def _drop_recent_repeats(
     if not events:
         return events, 0
     evs = [_event(i) for i in events]
+    times = [e.created_at for e in evs]
+    first, last = min(times), max(times)
     stored: dict[UUID, list[datetime]] = {}
-    for low, high in spans_of_times([e.created_at for e in evs], window):
-        ids = [e.id for e in evs if low <= e.created_at <= high]
+    # The common case is one range: no sorting, no filtering of the ids.
+    one = last - first <= 2 * window
+    spans = [(first, last)] if one else spans_of_times(times, window)
+    for low, high in spans:
+        ids = [e.id for e in evs] if one else [e.id for e in evs if low <= e.created_at <= high]
         for row in await conn.fetch(_RECENT_IDS, ids, low - window, high + window):
             stored.setdefault(row[0], []).append(row[1])
     if not stored:

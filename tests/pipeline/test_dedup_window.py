@@ -125,6 +125,16 @@ async def test_a_copy_published_late_with_an_earlier_created_at_within_the_windo
     assert await stored_times(db, answer["id"]) == [datetime.fromisoformat(answer["created_at"])]
 
 
+async def test_a_late_repeat_among_fresh_events_is_found_in_a_range_of_its_own(db, writer, topics):
+    long_ago = T0 - timedelta(days=30)
+    init, answer = call_events(uuid.uuid4(), long_ago)[:2]
+    await write(writer, topics, init, answer)
+    fresh = call_events(uuid.uuid4(), T0)
+    result = await write(writer, topics, *fresh, at(answer, timedelta(hours=1)))
+    assert counts(result) == (len(fresh), 1, 0)
+    assert len(await stored_times(db, answer["id"])) == 1
+
+
 async def test_the_same_id_beyond_the_window_is_stored_as_another_event(db, writer, topics):
     init, answer = call_events(uuid.uuid4(), T0)[:2]
     await write(writer, topics, init, answer)
