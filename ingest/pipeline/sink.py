@@ -486,6 +486,9 @@ class BatchWriter:
         result.duplicates += sum(len(r) for r in repeats.values())
         if self._dedup_window is not None:
             # Before the calls are planned: only events actually inserted touch ``calls``.
+            # It sees committed rows only: the same id written at this moment by another
+            # partition's transaction with another created_at is not seen, and the key's
+            # index does not stop it either (a limit, see docs/guarantees.md).
             events, recent = await _drop_recent_repeats(conn, events, self._dedup_window)
             result.duplicates += recent
         copy = self._insert_only_batches == 0
