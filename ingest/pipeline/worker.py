@@ -211,7 +211,11 @@ class Worker:
         await self._producer.start()
         publisher = DeadLetterPublisher(self._producer, s.kafka_dlq_topic)
         self._writer = BatchWriter(
-            self._pool, s.kafka_group_id, publisher, write_timeout_s=s.write_timeout_s
+            self._pool,
+            s.kafka_group_id,
+            publisher,
+            write_timeout_s=s.write_timeout_s,
+            dedup_window=s.dedup_lookback,
         )
         self._source = EventSource(
             s,
