@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from ingest.pipeline.deadletter import DeadLetterPublisher, header_map
-from ingest.pipeline.sink import BatchWriter
+from ingest.pipeline.sink import DEFAULT_DEDUP_WINDOW, BatchWriter
 from ingest.pipeline.worker import Worker
 from ingest.service.settings import Settings
 
@@ -262,14 +262,23 @@ async def drained(db: asyncpg.Pool, t: Topics, pub: Published, timeout_s: float 
 
 @contextlib.asynccontextmanager
 async def one_connection_writer(
-    database_url: str, topics: Topics, **pool_options: Any
+    database_url: str,
+    topics: Topics,
+    *,
+    dedup_window: timedelta | None = DEFAULT_DEDUP_WINDOW,
+    **pool_options: Any,
 ) -> AsyncIterator[BatchWriter]:
     """A BatchWriter of the test's group, on a pool of one connection."""
     producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap, enable_idempotence=False)
     await producer.start()
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1, **pool_options)
     try:
-        yield BatchWriter(pool, topics.group, DeadLetterPublisher(producer, topics.dlq))
+        yield BatchWriter(
+            pool,
+            topics.group,
+            DeadLetterPublisher(producer, topics.dlq),
+            dedup_window=dedup_window,
+        )
     finally:
         await pool.close()
         await producer.stop()

@@ -91,7 +91,11 @@ class Connections:
         await self.producer.start()
         publisher = DeadLetterPublisher(self.producer, s.kafka_dlq_topic)
         self.writer = BatchWriter(
-            self.pool, s.kafka_group_id, publisher, write_timeout_s=s.write_timeout_s
+            self.pool,
+            s.kafka_group_id,
+            publisher,
+            write_timeout_s=s.write_timeout_s,
+            dedup_window=s.dedup_lookback,
         )
         self.source = EventSource(
             s, load_positions, on_revoked, self._kafka_options, on_seek=self.writer.reading_from

@@ -75,7 +75,9 @@ EVENTS_DEAD_LETTERED: Final = Counter(
     "ingest_events_dead_lettered", "Records sent to the dead-letter topic.", ["reason"]
 )
 EVENTS_DUPLICATE: Final = Counter(
-    "ingest_events_duplicate", "Events dropped: their key (id, created_at) was already stored."
+    "ingest_events_duplicate",
+    "Events dropped as repeats: their id was already stored at the same created_at or "
+    "within INGEST_DEDUP_WINDOW of it.",
 )
 EVENTS_FENCED: Final = Counter(
     "ingest_events_fenced", "Records skipped because another owner had already stored them."

@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -109,6 +110,7 @@ class Settings:
     chunk_interval: str = "1 day"
     compress_after: str = "7 days"
     retention: str = "off"
+    dedup_window: str = "24 hours"
     readonly_password: str | None = field(default=None, repr=False)
     log_level: str = "info"
 
@@ -116,6 +118,13 @@ class Settings:
     def database_url_redacted(self) -> str:
         """The database URL with its password hidden."""
         return redact_url(self.database_url)
+
+    @property
+    def dedup_lookback(self) -> timedelta | None:
+        """``INGEST_DEDUP_WINDOW`` as a duration (None: ``off``)."""
+        if self.dedup_window == "off":
+            return None
+        return timedelta(seconds=interval_seconds(self.dedup_window))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -248,6 +257,7 @@ class Settings:
             chunk_interval=get("INGEST_CHUNK_INTERVAL", _text, "chunk_interval"),
             compress_after=get("INGEST_COMPRESS_AFTER", _interval_or_off, "compress_after"),
             retention=get("INGEST_RETENTION", _interval_or_off, "retention"),
+            dedup_window=get("INGEST_DEDUP_WINDOW", _interval_or_off, "dedup_window"),
             readonly_password=get("INGEST_READONLY_PASSWORD", _text, "readonly_password"),
             log_level=get("LOG_LEVEL", _log_level, "log_level"),
         )

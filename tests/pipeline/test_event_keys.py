@@ -1,5 +1,6 @@
 """What the sink does with a repeat of an event key ``(id, created_at)``: the BatchWriter on
-a real PostgreSQL server, dead letters on a real broker."""
+a real PostgreSQL server, dead letters on a real broker. The key's own check, so with the
+dedup window off (``INGEST_DEDUP_WINDOW=off``); the window is test_dedup_window.py's."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ _offsets = itertools.count()
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def writer(database_url: str, topics: Topics) -> AsyncIterator[BatchWriter]:
-    """A BatchWriter of a fresh group, on a pool of one connection."""
-    async with one_connection_writer(database_url, topics) as w:
+    """A BatchWriter of a fresh group, on a pool of one connection, the window off."""
+    async with one_connection_writer(database_url, topics, dedup_window=None) as w:
         yield w
 
 
@@ -167,7 +168,7 @@ async def watched(
     ways: list[str] = []
     _WatchedConnection.ways = ways
     async with one_connection_writer(
-        database_url, topics, connection_class=_WatchedConnection
+        database_url, topics, dedup_window=None, connection_class=_WatchedConnection
     ) as w:
         yield w, ways
 

@@ -122,6 +122,18 @@ async def test_bench_measures_postgresql_empty_and_with_history(bench: Any) -> N
     assert "worker, 1 process" in bench["table"]
 
 
+async def test_bench_gives_each_drains_cpu_as_a_multiple_of_the_python_floor(bench: Any) -> None:
+    result = bench["result"]
+    floor = result["floor_us_per_record"]
+    assert floor > 0
+    drains = [d for s in _server(result, "PostgreSQL")["states"] for d in s["drains"]]
+    assert drains
+    for d in drains:
+        assert d["cpu_x_floor"] == pytest.approx(d["cpu_us_per_event"] / floor)
+    assert "Python floor" in bench["table"]
+    assert f"{drains[0]['cpu_x_floor']:.2f} x floor" in bench["table"]
+
+
 async def test_bench_times_each_query_file_on_the_history(bench: Any) -> None:
     pg = _server(bench["result"], "PostgreSQL")
     (q,) = pg["states"][1]["queries"]

@@ -1,7 +1,9 @@
 """``ingest bench``: how fast the worker drains a backlog, next to the limits of the machine,
 measured side by side in one run on the same broker, on PostgreSQL and on TimescaleDB.
 
-1. preload a topic with N realistic events; read ceiling: a bare aiokafka consumer;
+1. preload a topic with N realistic events; read ceiling: a bare aiokafka consumer; the
+   Python floor: CPU per record of a bare Python reader (read, decode, parse the envelope),
+   which each drain's CPU per event is given as a multiple of;
 2. per database server (PostgreSQL: BENCH_DATABASE_URL or a fresh local database;
    TimescaleDB: --timescaledb-url or TIMESCALEDB_URL), on empty tables: the database ceiling
    (the same outcome with the minimal database work: rows prepared in memory; per batch, in
@@ -50,6 +52,7 @@ from ingest.tools.bench.corpus import (
     unreachable,
 )
 from ingest.tools.bench.drains import drain, steady
+from ingest.tools.bench.floor import python_floor, with_floor_ratios
 from ingest.tools.bench.history import (
     Shape,
     compress,
@@ -109,6 +112,8 @@ async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
     r.preload_s = time.perf_counter() - t
     _say("read ceiling")
     r.read_ceiling_eps = await read_ceiling(bootstrap, topic, args.events)
+    _say("Python floor")
+    r.floor_us_per_record = await python_floor(bootstrap, topic, args.events)
     corpus = Corpus(bootstrap, topic, ends)
     for i, (server_url, db_url) in enumerate(servers):
         srv = Server(*await server_version(server_url))
@@ -119,6 +124,7 @@ async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
             # The rows measured so far are kept; the reason goes with them.
             r.skipped.append(f"{srv.name}: the rest failed: {type(exc).__name__}: {exc}")
             _say(r.skipped[-1])
+    with_floor_ratios(r)
     return r
 
 

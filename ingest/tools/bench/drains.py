@@ -80,6 +80,8 @@ class Drain:
     cpu_us_per_event: float
     peak_rss_mb: list[float]
     finished: bool = True
+    # CPU per event as a multiple of the run's Python floor (floor.py; 0: not measured).
+    cpu_x_floor: float = 0.0
 
 
 async def drain(

@@ -80,6 +80,8 @@ class Result:
     batch: int
     preload_s: float = 0.0
     read_ceiling_eps: float = 0.0
+    # CPU per record of a bare Python reader of the corpus (floor.py).
+    floor_us_per_record: float = 0.0
     servers: list[Server] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
@@ -126,8 +128,13 @@ def _drain_row(d: Drain, st: State, empty: State | None, read_eps: float) -> lis
     rss = " / ".join(f"{x:.0f}" for x in d.peak_rss_mb)
     return [
         (f"    {label}", rate, ", ".join(notes)),
-        ("      CPU per event, peak RSS", f"{d.cpu_us_per_event:.1f} us", f"{rss} MB"),
+        ("      CPU per event, peak RSS", _cpu(d), f"{rss} MB"),
     ]
+
+
+def _cpu(d: Drain) -> str:
+    us = f"{d.cpu_us_per_event:.1f} us"
+    return f"{us} = {d.cpu_x_floor:.2f} x floor" if d.cpu_x_floor > 0 else us
 
 
 def _first_drain(st: State, processes: int) -> float:
@@ -198,6 +205,14 @@ def table(r: Result) -> str:
         ("batch size", f"{r.batch:,}", ""),
         ("read ceiling", f"{r.read_ceiling_eps:,.0f} rec/s", "bare aiokafka consumer"),
     ]
+    if r.floor_us_per_record > 0:
+        rows.append(
+            (
+                "Python floor",
+                f"{r.floor_us_per_record:.1f} us",
+                "CPU per record: aiokafka read, orjson decode, id, call id, time parsed",
+            )
+        )
     for srv in r.servers:
         rows += _server_rows(srv, r.read_ceiling_eps)
     rows += [("skipped", reason, "") for reason in r.skipped]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ ALL_VARIABLES = (
     "INGEST_REBALANCE_TIMEOUT_S",
     "INGEST_RETRY_MAX_BACKOFF_S",
     "INGEST_CHUNK_INTERVAL",
+    "INGEST_DEDUP_WINDOW",
     "LOG_LEVEL",
 )
 
@@ -563,3 +565,38 @@ def test_database_url_redacted_hides_the_password() -> None:
     s = load(DATABASE_URL=SECRET_URL)
 
     assert s.database_url_redacted == "postgresql://ingest:***@db:5432/calls?sslmode=require"
+
+
+# --- INGEST_DEDUP_WINDOW --------------------------------------------------------------------
+
+
+def test_dedup_window_defaults_to_24_hours() -> None:
+    s = load()
+
+    assert (s.dedup_window, s.dedup_lookback) == ("24 hours", timedelta(hours=24))
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("12 hours", timedelta(hours=12)),
+        ("2 days", timedelta(days=2)),
+        ("1 day 30 minutes", timedelta(days=1, minutes=30)),
+    ],
+)
+def test_dedup_window_is_an_interval(raw: str, expected: timedelta) -> None:
+    assert load(INGEST_DEDUP_WINDOW=raw).dedup_lookback == expected
+
+
+@pytest.mark.parametrize("raw", ["off", "OFF"])
+def test_dedup_window_off_turns_the_look_back_off(raw: str) -> None:
+    s = load(INGEST_DEDUP_WINDOW=raw)
+
+    assert (s.dedup_window, s.dedup_lookback) == ("off", None)
+
+
+@pytest.mark.parametrize("raw", ["24", "0 hours", "-1 day", "yesterday", "1 fortnight"])
+def test_dedup_window_must_be_a_positive_interval_or_off(raw: str) -> None:
+    message = config_error({"DATABASE_URL": URL, "INGEST_DEDUP_WINDOW": raw})
+
+    assert message.startswith("INGEST_DEDUP_WINDOW must be 'off' or a positive interval")
