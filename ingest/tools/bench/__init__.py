@@ -16,6 +16,10 @@ measured side by side in one run on the same broker, on PostgreSQL and on Timesc
    (commit time minus event time);
 5. one table and a JSON file with the machine's description.
 
+With --soak-minutes N, only a soak instead, per server: one worker at --soak-rate for N
+minutes, its RSS through the run and the freshness of the first and the last fifth,
+measured from outside (see ``soak``).
+
 After every run that writes, the benchmark checks that each event of the corpus is stored
 exactly once.
 """
@@ -66,6 +70,7 @@ from ingest.tools.bench.report import (
     machine,
     table,
 )
+from ingest.tools.bench.soak import soak
 from ingest.tools.devbroker import LOCAL_ADMIN_URL, broker_or_env
 from ingest.tools.migrate import schema_dir
 
@@ -95,6 +100,11 @@ async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
         r.skipped.append("TimescaleDB: no --timescaledb-url and no TIMESCALEDB_URL")
     for reason in r.skipped:
         _say(f"skipped: {reason}")
+    if args.soak_minutes > 0:
+        r.events, r.batch = 0, 0
+        for server_url, db_url in servers:
+            await _soak(args, bootstrap, server_url, db_url, r)
+        return r
 
     topic = f"bench-{time.time_ns()}"
     await create_topic(bootstrap, topic)
@@ -115,6 +125,26 @@ async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
             r.skipped.append(f"{srv.name}: the rest failed: {type(exc).__name__}: {exc}")
             _say(r.skipped[-1])
     return r
+
+
+async def _soak(
+    args: argparse.Namespace, bootstrap: str, server_url: str, db_url: str | None, r: Result
+) -> None:
+    """The soak on one server, in a database of its own (or BENCH_DATABASE_URL's)."""
+    srv = Server(*await server_version(server_url))
+    r.servers.append(srv)
+    _say(f"{srv.name} {srv.version}: soak, {args.soak_rate:,.0f} ev/s for {args.soak_minutes} min")
+    url, created = await bench_database(db_url, server_url)
+    try:
+        srv.soak = await soak(
+            Target(url), bootstrap, args.soak_rate, args.soak_minutes * 60, args.seed + 2
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        r.skipped.append(f"{srv.name}: the soak failed: {type(exc).__name__}: {exc}")
+        _say(r.skipped[-1])
+    finally:
+        if created:
+            await drop_database(server_url, url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +272,16 @@ def _at_least_one(raw: str) -> int:
     return n
 
 
+def _positive_minutes(raw: str) -> float:
+    try:
+        minutes = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a number of minutes") from None
+    if not minutes > 0:
+        raise argparse.ArgumentTypeError("more than 0")
+    return minutes
+
+
 def _process_counts(raw: str) -> tuple[int, ...]:
     try:
         counts = tuple(int(x) for x in raw.split(","))
@@ -300,6 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1800,
         help="seconds before a drain is cut short (its row then says so)",
+    )
+    p.add_argument(
+        "--soak-minutes",
+        type=_positive_minutes,
+        default=0.0,
+        help="only a soak instead: one worker at --soak-rate for this many minutes, per server",
+    )
+    p.add_argument(
+        "--soak-rate", type=float, default=3_000, help="events/s offered in a soak (default 3000)"
     )
     p.add_argument("--output", type=Path, default=Path("bench-results/latest.json"))
     args = p.parse_args(argv)
