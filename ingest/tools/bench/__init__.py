@@ -103,7 +103,7 @@ async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
     if args.soak_minutes > 0:
         r.events, r.batch = 0, 0
         for server_url, db_url in servers:
-            await _soak(args, bootstrap, server_url, db_url, r)
+            await _soak(args, server_url, db_url, r)
         return r
 
     topic = f"bench-{time.time_ns()}"
@@ -127,18 +127,20 @@ async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
     return r
 
 
-async def _soak(
-    args: argparse.Namespace, bootstrap: str, server_url: str, db_url: str | None, r: Result
-) -> None:
-    """The soak on one server, in a database of its own (or BENCH_DATABASE_URL's)."""
+async def _soak(args: argparse.Namespace, server_url: str, db_url: str | None, r: Result) -> None:
+    """The soak on one server, in a database of its own (or BENCH_DATABASE_URL's), and with
+    a broker of its own unless KAFKA_BOOTSTRAP_SERVERS names one: an in-memory Tansu slows
+    down as it fills, so the second server's soak would start on the first one's records."""
     srv = Server(*await server_version(server_url))
     r.servers.append(srv)
     _say(f"{srv.name} {srv.version}: soak, {args.soak_rate:,.0f} ev/s for {args.soak_minutes} min")
     url, created = await bench_database(db_url, server_url)
     try:
-        srv.soak = await soak(
-            Target(url), bootstrap, args.soak_rate, args.soak_minutes * 60, args.seed + 2
-        )
+        with broker_or_env() as (bootstrap, broker):
+            pid = broker.process.pid if broker is not None and broker.process else None
+            srv.soak = await soak(
+                Target(url), bootstrap, args.soak_rate, args.soak_minutes * 60, args.seed + 2, pid
+            )
     except (OSError, asyncpg.PostgresError) as exc:
         r.skipped.append(f"{srv.name}: the soak failed: {type(exc).__name__}: {exc}")
         _say(r.skipped[-1])

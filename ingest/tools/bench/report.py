@@ -245,13 +245,15 @@ def _soak_rows(s: Soak) -> list[Row]:
             ),
         ),
         (
-            "    by fifth: write ms | batch | CPU us/ev",
+            "    by fifth: write ms | batch | CPU us/ev worker, bench, broker",
             "",
             " | ".join(
                 (
                     by_fifth("{:.0f}", [x.write_mean_ms for x in f]),
                     by_fifth("{:.0f}", [x.batch_mean_events for x in f]),
                     by_fifth("{:.1f}", [x.worker_cpu_us_per_event for x in f]),
+                    by_fifth("{:.1f}", [x.bench_cpu_us_per_event for x in f]),
+                    by_fifth("{:.1f}", [x.broker_cpu_us_per_event for x in f]),
                 )
             ),
         ),

@@ -62,8 +62,10 @@ class Fifth:
     write_mean_ms: float
     batch_mean_events: float
     worker_cpu_us_per_event: float
-    # The bench's own process (producer and polls) over the same fifth.
+    # The bench's own process (producer, probe, polls) over the same fifth, and the
+    # broker's when the bench started it (else NaN).
     bench_cpu_us_per_event: float
+    broker_cpu_us_per_event: float
 
 
 @dataclass(slots=True)
@@ -203,9 +205,10 @@ class _Mark:
     batch_events: float
     worker_cpu_s: float
     bench_cpu_s: float
+    broker_cpu_s: float
 
     @classmethod
-    async def read(cls, port: int, pid: int) -> _Mark:
+    async def read(cls, port: int, pid: int, broker_pid: int | None) -> _Mark:
         body = await asyncio.to_thread(_scrape, port)
         return cls(
             _counter(body, "ingest_batch_write_seconds_sum"),
@@ -213,11 +216,20 @@ class _Mark:
             _counter(body, "ingest_batch_events_sum"),
             cpu_seconds(pid),
             time.process_time(),
+            cpu_seconds(broker_pid) if broker_pid is not None else math.nan,
         )
 
 
-async def soak(target: Target, bootstrap: str, rate: float, seconds: float, seed: int) -> Soak:
-    """One worker process on a fresh topic, ``rate`` events/s offered for ``seconds``."""
+async def soak(
+    target: Target,
+    bootstrap: str,
+    rate: float,
+    seconds: float,
+    seed: int,
+    broker_pid: int | None = None,
+) -> Soak:
+    """One worker process on a fresh topic, ``rate`` events/s offered for ``seconds``;
+    ``broker_pid``: the broker's process, when it runs here (its CPU is reported too)."""
     await clean(target)
     topic = f"bench-soak-{time.time_ns()}"
     await create_topic(bootstrap, topic)
@@ -230,7 +242,9 @@ async def soak(target: Target, bootstrap: str, rate: float, seconds: float, seed
     conn = await asyncpg.connect(target.url)
     try:
         await _until_assigned(port, proc)
-        return await _run(conn, proc, port, bootstrap, topic, group, rate, seconds, seed)
+        return await _run(
+            conn, proc, port, broker_pid, bootstrap, topic, group, rate, seconds, seed
+        )
     finally:
         _stop([proc])
         await conn.close()
@@ -256,6 +270,7 @@ async def _run(
     conn: asyncpg.Connection,
     proc: subprocess.Popen[bytes],
     port: int,
+    broker_pid: int | None,
     bootstrap: str,
     topic: str,
     group: str,
@@ -267,7 +282,7 @@ async def _run(
     every = min(RSS_EVERY_S, seconds / 30)
     fifth_s = seconds / FIFTHS
     rss: list[float] = []
-    marks = [await _Mark.read(port, proc.pid)]
+    marks = [await _Mark.read(port, proc.pid, broker_pid)]
     t0 = time.monotonic()
     done = asyncio.Event()
 
@@ -279,7 +294,7 @@ async def _run(
     async def mark_fifths() -> None:
         for k in range(1, FIFTHS + 1):
             await asyncio.sleep(max(0.0, t0 + k * fifth_s - time.monotonic()))
-            marks.append(await _Mark.read(port, proc.pid))
+            marks.append(await _Mark.read(port, proc.pid, broker_pid))
 
     async def poll_positions() -> None:
         while True:
@@ -418,6 +433,7 @@ def _fifth(shares: _Shares, a: _Mark, b: _Mark) -> Fifth:
         batch_mean_events=(b.batch_events - a.batch_events) / writes,
         worker_cpu_us_per_event=(b.worker_cpu_s - a.worker_cpu_s) / events * 1e6,
         bench_cpu_us_per_event=(b.bench_cpu_s - a.bench_cpu_s) / events * 1e6,
+        broker_cpu_us_per_event=(b.broker_cpu_s - a.broker_cpu_s) / events * 1e6,
     )
 
 
