@@ -177,6 +177,10 @@ def _quantile(q: float, xs: list[float]) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.nan
+
+
 def _rss_mb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -304,6 +308,8 @@ async def _run(
                 group,
             )
             now = time.monotonic()
+            if proc.poll() is not None:
+                return  # the run ends with the reason (below)
             for r in rows:
                 deliveries.seen_stored(r["partition"], r["next_offset"], now)
             if done.is_set() and deliveries.caught_up(deliveries.stored):
@@ -369,8 +375,8 @@ async def _run(
         rss_growth_mb=end - after,
         rss_noise_mb=(max(second) - min(second)) if second else math.nan,
         fifths=fifths,
-        p99_ratio=fifths[-1].freshness_p99_s / fifths[0].freshness_p99_s,
-        worker_p99_ratio=fifths[-1].worker_p99_s / fifths[0].worker_p99_s,
+        p99_ratio=_ratio(fifths[-1].freshness_p99_s, fifths[0].freshness_p99_s),
+        worker_p99_ratio=_ratio(fifths[-1].worker_p99_s, fifths[0].worker_p99_s),
         server_autovacuum=str(await conn.fetchval("SHOW autovacuum")),
         tables=await _tables(conn),
     )
