@@ -89,6 +89,107 @@ async def bench(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         await admin.close()
 
 
+# A soak short enough for the suite: each fifth holds a few seconds and a few batches.
+SOAK_MINUTES = 0.25
+SOAK_RATE = 400
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def soak(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+    """One run of ``ingest bench --soak-minutes`` with tiny numbers; yields its JSON result."""
+    name = f"ingest_test_soak_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(TEST_DATABASE_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    out = tmp_path_factory.mktemp("soak") / "latest.json"
+    args = [
+        sys.executable, "-m", "ingest", "bench",
+        "--soak-minutes", str(SOAK_MINUTES), "--soak-rate", str(SOAK_RATE), "--output", str(out),
+    ]  # fmt: skip
+    tsdb = await _timescaledb()
+    if tsdb is not None:
+        args += ["--timescaledb-url", tsdb]
+    env = {
+        **os.environ,
+        "BENCH_DATABASE_URL": _with_db(TEST_DATABASE_URL, name),
+        "KAFKA_BOOTSTRAP_SERVERS": kafka,
+        "KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+    }
+    env.pop("TIMESCALEDB_URL", None)
+    try:
+        proc = await asyncio.to_thread(
+            subprocess.run, args, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        yield {"result": orjson.loads(out.read_bytes()), "table": proc.stdout}
+    finally:
+        admin = await asyncpg.connect(TEST_DATABASE_URL)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def _soak_is_whole(s: Any) -> None:
+    """What a soak reports, on any server, whatever the machine's speed."""
+    assert s["exact"], s
+    assert s["events"] == s["stored_rows"] == s["stored_ids"] > 0
+    assert s["seconds"] == SOAK_MINUTES * 60
+    assert s["rss_mb"]
+    assert all(mb > 0 for mb in s["rss_mb"])
+    assert s["rss_growth_mb"] == pytest.approx(s["rss_end_mb"] - s["rss_after_warmup_mb"])
+    assert s["rss_noise_mb"] >= 0
+    assert s["warmup_s"] == s["seconds"] / 5
+    assert len(s["fifths"]) == 5
+    assert sum(f["events"] for f in s["fifths"]) == s["events"]
+    for f in s["fifths"]:
+        assert f["events"] > 0
+        assert 0 < f["freshness_p50_s"] <= f["freshness_p99_s"] <= f["freshness_max_s"]
+        # The shares are each event's own parts of its freshness.
+        assert 0 <= f["broker_p99_s"] <= f["freshness_max_s"]
+        assert 0 < f["worker_p99_s"] <= f["freshness_max_s"]
+        assert f["write_mean_ms"] > 0
+        assert f["batch_mean_events"] > 0
+        assert f["worker_cpu_us_per_event"] > 0
+        assert f["bench_cpu_us_per_event"] > 0
+        # The broker is the test's, not one the bench started: its CPU is not the bench's to read.
+        assert f["broker_cpu_us_per_event"] is None
+    first, last = s["fifths"][0], s["fifths"][-1]
+    assert s["p99_ratio"] == pytest.approx(last["freshness_p99_s"] / first["freshness_p99_s"])
+    assert s["worker_p99_ratio"] == pytest.approx(last["worker_p99_s"] / first["worker_p99_s"])
+    tables = {t["name"]: t for t in s["tables"]}
+    assert set(tables) == {"call_events", "calls", "ingest_consumer_offsets"}
+    assert all(t["total_bytes"] > 0 for t in tables.values())
+    # The positions are advanced once per batch: updated rows, never new ones.
+    assert tables["ingest_consumer_offsets"]["updates"] > 0
+
+
+async def test_soak_reports_rss_freshness_by_fifth_and_exactness_on_postgresql(soak: Any) -> None:
+    pg = _server(soak["result"], "PostgreSQL")
+    _soak_is_whole(pg["soak"])
+    assert pg["states"] == []
+    assert "freshness p99, first -> last fifth" in soak["table"]
+    assert "RSS every" in soak["table"]
+
+
+async def test_soak_adds_up_timescaledb_chunks_in_its_table_figures(soak: Any) -> None:
+    ts = _server(soak["result"], "TimescaleDB")
+    _soak_is_whole(ts["soak"])
+    events = {t["name"]: t for t in ts["soak"]["tables"]}["call_events"]
+    # call_events itself holds no rows on TimescaleDB: its chunks do.
+    assert events["total_bytes"] > 0
+
+
+def test_soak_minutes_must_be_positive() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ingest", "bench", "--soak-minutes", "0"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    )
+    assert proc.returncode == 2
+    assert "--soak-minutes: more than 0" in proc.stderr
+
+
 def _server(result: Any, name: str) -> Any:
     found = [s for s in result["servers"] if s["name"] == name]
     if not found and name == "TimescaleDB":
@@ -189,3 +290,4 @@ def test_bench_help_names_the_history_options() -> None:
     assert "--history-days" in out
     assert "--timescaledb-url" in out
     assert "--rolling" in out
+    assert "--soak-minutes" in out

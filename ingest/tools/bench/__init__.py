@@ -20,6 +20,9 @@ measured side by side in one run on the same broker, on PostgreSQL and on Timesc
 
 ``--rolling`` measures something else instead: a rolling restart of worker replicas under
 a steady load (see ``rolling.py``).
+With --soak-minutes N, only a soak instead, per server: one worker at --soak-rate for N
+minutes, its RSS through the run and the freshness of the first and the last fifth,
+measured from outside (see ``soak``).
 
 After every run that writes, the benchmark checks that each event of the corpus is stored
 exactly once.
@@ -74,6 +77,7 @@ from ingest.tools.bench.report import (
     table,
 )
 from ingest.tools.bench.rolling import describe, rolling
+from ingest.tools.bench.soak import soak
 from ingest.tools.devbroker import LOCAL_ADMIN_URL, broker_or_env
 from ingest.tools.migrate import schema_dir
 
@@ -103,6 +107,11 @@ async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
         r.skipped.append("TimescaleDB: no --timescaledb-url and no TIMESCALEDB_URL")
     for reason in r.skipped:
         _say(f"skipped: {reason}")
+    if args.soak_minutes > 0:
+        r.events, r.batch = 0, 0
+        for server_url, db_url in servers:
+            await _soak(args, server_url, db_url, r)
+        return r
 
     topic = f"bench-{time.time_ns()}"
     await create_topic(bootstrap, topic)
@@ -126,6 +135,28 @@ async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
             _say(r.skipped[-1])
     with_floor_ratios(r)
     return r
+
+
+async def _soak(args: argparse.Namespace, server_url: str, db_url: str | None, r: Result) -> None:
+    """The soak on one server, in a database of its own (or BENCH_DATABASE_URL's), and with
+    a broker of its own unless KAFKA_BOOTSTRAP_SERVERS names one: an in-memory Tansu slows
+    down as it fills, so the second server's soak would start on the first one's records."""
+    srv = Server(*await server_version(server_url))
+    r.servers.append(srv)
+    _say(f"{srv.name} {srv.version}: soak, {args.soak_rate:,.0f} ev/s for {args.soak_minutes} min")
+    url, created = await bench_database(db_url, server_url)
+    try:
+        with broker_or_env() as (bootstrap, broker):
+            pid = broker.process.pid if broker is not None and broker.process else None
+            srv.soak = await soak(
+                Target(url), bootstrap, args.soak_rate, args.soak_minutes * 60, args.seed + 2, pid
+            )
+    except (OSError, asyncpg.PostgresError) as exc:
+        r.skipped.append(f"{srv.name}: the soak failed: {type(exc).__name__}: {exc}")
+        _say(r.skipped[-1])
+    finally:
+        if created:
+            await drop_database(server_url, url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +284,16 @@ def _at_least_one(raw: str) -> int:
     return n
 
 
+def _positive_minutes(raw: str) -> float:
+    try:
+        minutes = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a number of minutes") from None
+    if not minutes > 0:
+        raise argparse.ArgumentTypeError("more than 0")
+    return minutes
+
+
 def _process_counts(raw: str) -> tuple[int, ...]:
     try:
         counts = tuple(int(x) for x in raw.split(","))
@@ -324,6 +365,15 @@ def parser() -> argparse.ArgumentParser:
         choices=("static", "dynamic"),
         default="static",
         help="static: each replica keeps its KAFKA_GROUP_INSTANCE_ID across its restart",
+    )
+    p.add_argument(
+        "--soak-minutes",
+        type=_positive_minutes,
+        default=0.0,
+        help="only a soak instead: one worker at --soak-rate for this many minutes, per server",
+    )
+    p.add_argument(
+        "--soak-rate", type=float, default=3_000, help="events/s offered in a soak (default 3000)"
     )
     p.add_argument("--output", type=Path, default=None)
     return p

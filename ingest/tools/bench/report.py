@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 
 from ingest.tools.bench.drains import Drain
 from ingest.tools.bench.queries import QueryTime
+from ingest.tools.bench.soak import Soak
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Server:
     history: HistoryFigures | None = None
     compression: CompressionFigures | None = None
     steady: Steady | None = None
+    soak: Soak | None = None
 
 
 @dataclass
@@ -192,7 +195,86 @@ def _server_rows(srv: Server, read_eps: float) -> list[Row]:
                 "commit time - event time",
             )
         )
+    if srv.soak is not None:
+        rows += _soak_rows(srv.soak)
     return rows
+
+
+# The RSS curve as printed: at most this many points (the JSON holds every sample).
+_CURVE_POINTS = 20
+
+
+def _soak_rows(s: Soak) -> list[Row]:
+    step = max(1, math.ceil(len(s.rss_mb) / _CURVE_POINTS))
+    curve = " ".join(f"{x:.0f}" for x in s.rss_mb[::step])
+    exact = "exact" if s.exact else f"NOT exact: {s.stored_rows:,} rows, {s.stored_ids:,} ids"
+    f = s.fifths
+
+    def by_fifth(fmt: str, values: list[float]) -> str:
+        return " / ".join(fmt.format(v) for v in values)
+
+    return [
+        (
+            f"  soak, {s.offered_eps:,.0f} ev/s offered",
+            f"{s.rate_eps:,.0f} ev/s for {s.seconds / 60:.1f} min",
+            f"{s.events:,} events, {exact}",
+        ),
+        (
+            "    RSS after warm-up -> end",
+            f"{s.rss_after_warmup_mb:.1f} -> {s.rss_end_mb:.1f} MB",
+            f"growth {s.rss_growth_mb:+.1f} MB (noise {s.rss_noise_mb:.1f} MB); "
+            f"warm-up the first fifth ({s.warmup_s:.0f} s); medians of the 2nd and last fifth",
+        ),
+        (f"    RSS every {s.rss_every_s * step:.0f} s, MB", "", curve),
+        (
+            "    freshness p99, first -> last fifth",
+            f"{f[0].freshness_p99_s:.3f} -> {f[-1].freshness_p99_s:.3f} s",
+            f"{s.p99_ratio:.2f} x; produce -> stored, from outside",
+        ),
+        (
+            "    worker's share p99, first -> last fifth",
+            f"{f[0].worker_p99_s:.3f} -> {f[-1].worker_p99_s:.3f} s",
+            f"{s.worker_p99_ratio:.2f} x; fetchable -> stored (the broker's share: "
+            f"{f[0].broker_p99_s:.3f} -> {f[-1].broker_p99_s:.3f} s)",
+        ),
+        (
+            "    by fifth: p50 | p99 | max | broker p99 | worker p99, s",
+            "",
+            " | ".join(
+                by_fifth("{:.3f}", [getattr(x, a) for x in f])
+                for a in (
+                    "freshness_p50_s",
+                    "freshness_p99_s",
+                    "freshness_max_s",
+                    "broker_p99_s",
+                    "worker_p99_s",
+                )
+            ),
+        ),
+        (
+            "    by fifth: write ms | batch | CPU us/ev worker, bench, broker",
+            "",
+            " | ".join(
+                (
+                    by_fifth("{:.0f}", [x.write_mean_ms for x in f]),
+                    by_fifth("{:.0f}", [x.batch_mean_events for x in f]),
+                    by_fifth("{:.1f}", [x.worker_cpu_us_per_event for x in f]),
+                    by_fifth("{:.1f}", [x.bench_cpu_us_per_event for x in f]),
+                    by_fifth("{:.1f}", [x.broker_cpu_us_per_event for x in f]),
+                )
+            ),
+        ),
+        (
+            "    tables at the end",
+            "",
+            f"autovacuum {s.server_autovacuum}; "
+            + "; ".join(
+                f"{t.name} {_mb(t.total_bytes)}, {t.dead_rows:,} dead, "
+                f"{t.hot_updates:,}/{t.updates:,} HOT, {t.autovacuums} autovacuums"
+                for t in s.tables
+            ),
+        ),
+    ]
 
 
 Row = tuple[str, str, str]
@@ -200,11 +282,13 @@ Row = tuple[str, str, str]
 
 def table(r: Result) -> str:
     """The human-readable result."""
-    rows: list[Row] = [
-        ("events", f"{r.events:,}", ""),
-        ("batch size", f"{r.batch:,}", ""),
-        ("read ceiling", f"{r.read_ceiling_eps:,.0f} rec/s", "bare aiokafka consumer"),
-    ]
+    rows: list[Row] = []
+    if r.events:  # a soak-only run has no corpus
+        rows += [
+            ("events", f"{r.events:,}", ""),
+            ("batch size", f"{r.batch:,}", ""),
+            ("read ceiling", f"{r.read_ceiling_eps:,.0f} rec/s", "bare aiokafka consumer"),
+        ]
     if r.floor_us_per_record > 0:
         rows.append(
             (
