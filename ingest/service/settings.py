@@ -90,7 +90,7 @@ class Settings:
     kafka_heartbeat_interval_ms: int = 3_000
     kafka_max_poll_interval_ms: int = 300_000
     kafka_fetch_max_wait_ms: int = 100
-    kafka_request_timeout_ms: int = 15_000
+    kafka_request_timeout_ms: int = 20_000
     kafka_rebalance_timeout_ms: int = 10_000
     kafka_connections_max_idle_ms: int = 10_000
     batch_max_events: int = 5_000

@@ -36,7 +36,7 @@ def test_the_timeouts_go_along_with_the_transport_security() -> None:
     )
 
     assert opts["security_protocol"] == "SASL_PLAINTEXT"
-    assert opts["request_timeout_ms"] == 15_000
+    assert opts["request_timeout_ms"] == 20_000
 
 
 @pytest.mark.parametrize("client", [AIOKafkaConsumer, AIOKafkaProducer, AIOKafkaAdminClient])

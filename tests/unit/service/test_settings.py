@@ -315,7 +315,7 @@ def test_dlq_topic_must_not_be_a_source_topic() -> None:
 def test_kafka_timeouts_default_to_noticing_a_dead_connection_within_seconds() -> None:
     s = load()
 
-    assert s.kafka_request_timeout_ms == 15_000
+    assert s.kafka_request_timeout_ms == 20_000
     assert s.kafka_rebalance_timeout_ms == 10_000
     assert s.kafka_connections_max_idle_ms == 10_000
 
@@ -403,7 +403,7 @@ def test_a_longer_session_timeout_leaves_the_request_timeout_valid() -> None:
     # aiokafka would: a long session (static membership) needs no longer request timeout.
     s = load(KAFKA_SESSION_TIMEOUT_MS="45000")
 
-    assert (s.kafka_session_timeout_ms, s.kafka_request_timeout_ms) == (45_000, 15_000)
+    assert (s.kafka_session_timeout_ms, s.kafka_request_timeout_ms) == (45_000, 20_000)
 # --- static group membership ----------------------------------------------------------------
 
 
