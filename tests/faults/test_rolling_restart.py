@@ -17,12 +17,16 @@ from pathlib import Path
 import pytest
 
 from ingest.tools.devbroker import free_port
-from tests.faults.harness import assert_reconciled, corpus, publish_slowly
+from tests.faults.harness import assert_reconciled, corpus
 from tests.support import (
+    Published,
+    Record,
+    Topics,
     WorkerProcess,
     drained,
     eventually,
     http_get_blocking,
+    publish,
     stored_positions,
     worker_env,
 )
@@ -37,6 +41,19 @@ REPLICAS = 3
 # bench's longest gap at 3,000 ev/s: 0.4 to 0.7 s). 4 s leaves room for a loaded 2-core
 # machine (a GC pause, a slow COPY, the scheduler) and is still far from a group-wide stop.
 LONGEST_STALL_S = 4.0
+
+
+async def _publish_until(t: Topics, records: list[Record], done: asyncio.Event) -> Published:
+    """A steady load, one small chunk every 0.4 s, for as long as ``done`` is not set; then
+    the rest of the records at once (the load lasts as long as the roll, not longer)."""
+    pub, size, i = Published(), max(1, len(records) // 240), 0
+    while i < len(records) and not done.is_set():
+        pub.extend(await publish(t.bootstrap, t.source, records[i : i + size]))
+        i += size
+        await asyncio.sleep(0.4)
+    if i < len(records):
+        pub.extend(await publish(t.bootstrap, t.source, records[i:]))
+    return pub
 
 
 async def _ready(port: int) -> bool:
@@ -82,7 +99,8 @@ async def test_rolling_restart_under_load_never_stops_the_group_and_stores_every
     try:
         for port in ports:
             await eventually(lambda port=port: _ready(port), 90, f"replica on {port} ready")
-        producer = asyncio.create_task(publish_slowly(topics, records, chunks=240, pause_s=0.4))
+        rolled = asyncio.Event()
+        producer = asyncio.create_task(_publish_until(topics, records, rolled))
         published_at: list[float] = []
         producer.add_done_callback(lambda _: published_at.append(time.monotonic()))
         watcher = asyncio.create_task(watch())
@@ -95,6 +113,7 @@ async def test_rolling_restart_under_load_never_stops_the_group_and_stores_every
             workers[i] = WorkerProcess(env, tmp_path / f"ingest-{i}.log").start()
             await eventually(lambda i=i: _ready(ports[i]), 90, f"replacement ingest-{i} ready")
         roll_end = time.monotonic()
+        rolled.set()
         pub = await producer
         watching = False
         await watcher
