@@ -4,9 +4,12 @@ one reconciliation every fault test ends with."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
+import socket
+import subprocess
 import time
 import uuid
 
@@ -91,3 +94,14 @@ def pg_ctl(action: str) -> list[str] | None:
     if not versions or shutil.which("pg_ctlcluster") is None or os.geteuid() != 0:
         return None
     return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", action]
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    """Wait until ``proc`` (a server the test started) accepts connections on ``port``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"exited with {proc.returncode}"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port} after {timeout_s}s")

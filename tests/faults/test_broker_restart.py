@@ -9,11 +9,8 @@ record on stop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import boto3
 import pytest
 
 from ingest.tools.devbroker import TansuBroker, free_port
-from tests.faults.harness import assert_reconciled, corpus
+from tests.faults.harness import assert_reconciled, corpus, wait_listening
 from tests.support import (
     Topics,
     WorkerProcess,
@@ -36,16 +33,6 @@ from tests.support import (
 pytestmark = pytest.mark.faults
 
 BUCKET = "tansu"
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"exited with {proc.returncode}"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port} after {timeout_s}s")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +51,7 @@ def durable_broker() -> Iterator[TansuBroker]:
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     try:
-        _wait_listening(s3_port, s3)
+        wait_listening(s3_port, s3)
         client = boto3.client(
             "s3",
             endpoint_url=endpoint,

@@ -19,10 +19,8 @@ assignment finds (the stored position against the log start).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +36,7 @@ import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ingest.tools.devbroker import TansuBroker, free_port
-from tests.faults.harness import assert_reconciled, corpus
+from tests.faults.harness import assert_reconciled, corpus, wait_listening
 from tests.faults.kafka_log_start import LogStartProxy
 from tests.support import (
     Published,
@@ -91,16 +89,6 @@ class DurableBroker:
         return len(doomed)
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"exited with {proc.returncode}"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port} after {timeout_s}s")
-
-
 @pytest.fixture(scope="module")
 def durable_broker() -> Iterator[DurableBroker]:
     s3_port, proxy_port = free_port(), free_port()
@@ -111,7 +99,7 @@ def durable_broker() -> Iterator[DurableBroker]:
     )
     endpoint = f"http://127.0.0.1:{s3_port}"
     try:
-        _wait_listening(s3_port, s3)
+        wait_listening(s3_port, s3)
         client = boto3.client(
             "s3",
             endpoint_url=endpoint,
