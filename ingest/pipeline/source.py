@@ -50,6 +50,7 @@ from ingest.pipeline.positions import (
     reset_command,
     start_or_close,
 )
+from ingest.pipeline.retry import short_error
 from ingest.service import metrics
 from ingest.service.settings import Settings
 
@@ -169,7 +170,7 @@ class EventSource:
             await start_or_close(probe.consumer)
         except Exception as exc:
             # Each check then starts a client of its own (check_within).
-            log.warning("position checker not started", error=_short(exc))
+            log.warning("position checker not started", error=short_error(exc))
         else:
             self._probe = probe
 
@@ -209,7 +210,7 @@ class EventSource:
             self._isolating_since = time.monotonic()
             log.warning(
                 "a record batch could not be decoded; reading partitions one at a time to find it",
-                error=_short(exc),
+                error=short_error(exc),
             )
             return []
         except NoOffsetForPartitionError as exc:
@@ -344,7 +345,7 @@ class EventSource:
     def _stall(self, tp: TopicPartition, offset: int, exc: BaseException) -> None:
         self.consumer.pause(tp)
         self._paused_by_us.discard(tp)
-        stall = Stall(tp.topic, tp.partition, offset, _short(exc))
+        stall = Stall(tp.topic, tp.partition, offset, short_error(exc))
         self.stalls[tp] = stall
         metrics.UNDECODABLE_BATCHES.labels(tp.topic).inc()
         metrics.PARTITIONS_STALLED.set(len(self.stalls))
@@ -539,6 +540,7 @@ class EventSource:
                 self.gaps.discard(tp)
                 continue
             if c.verdict is Verdict.GAP:
+                command = reset_command(group, tp.topic, tp.partition) + " --force"
                 if first or announced != "gap":
                     # When it was found: on a new assignment, by a fetch the broker refused
                     # while running, or by the recheck of a partition held for another reason.
@@ -554,9 +556,8 @@ class EventSource:
                         log_start=view.log_start,
                         lost=view.log_start - stored[tp].next_offset,
                         found=found,
-                        run=reset_command(group, tp.topic, tp.partition) + " --force",
+                        run=command,
                     )
-                command = reset_command(group, tp.topic, tp.partition) + " --force"
                 self.held[tp] = f"{tp.topic}/{tp.partition} {c.why}; `{command}` accepts the loss"
                 self.gaps.add(tp)
                 continue
@@ -715,8 +716,3 @@ class EventSource:
             return f"records deleted before they were stored (retention gap): {gaps[0]}{more}"
         reasons = sorted(self.held.values())
         return f"stored positions do not fit the topic: {reasons[0]}{more}"
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= 300 else text[:297] + "..."
