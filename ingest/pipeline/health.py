@@ -8,6 +8,7 @@ source knows about the group, held partitions and stalls.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 
@@ -27,8 +28,8 @@ PING_EVERY_S = 5
 class HealthWatch:
     """Feeds ``Health`` from the connections and the source."""
 
-    def __init__(self, health: Health, connections: Connections, idle: asyncio.Event) -> None:
-        """``idle`` is set while no write is under way (a write proves the database itself)."""
+    def __init__(self, health: Health, connections: Connections, idle: Callable[[], bool]) -> None:
+        """``idle`` says whether no write is under way (a write proves the database itself)."""
         self._health = health
         self._connections = connections
         self._idle = idle
@@ -42,11 +43,7 @@ class HealthWatch:
             self._health.beat()
             self._report_pool()
             metrics.READY.set(int(self._health.ready()[0]))
-            if (
-                tick % PING_EVERY_S == 0
-                and self._connections.writer is not None
-                and self._idle.is_set()
-            ):
+            if tick % PING_EVERY_S == 0 and self._connections.writer is not None and self._idle():
                 await self._ping()
             tick += 1
             await asyncio.sleep(1)

@@ -158,12 +158,25 @@ FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::float8[], $5::text[],
 WHERE c.id = t.id AND c.ended_at IS NULL
 """
 
+# Rows locked in key order (``FOR NO KEY UPDATE`` under the ``ORDER BY``, before the
+# update): two write lanes (``lanes``) whose batches touch the same agents then wait for one
+# another instead of deadlocking. The lock does not conflict with the key-share locks that
+# the calls' foreign key takes.
 _TOUCH_AGENTS = """
-UPDATE agents AS a SET last_used_at = v.used_at
-FROM (SELECT agent_id, max(used_at) AS used_at
-      FROM unnest($1::uuid[], $2::timestamptz[]) AS u(agent_id, used_at)
-      GROUP BY agent_id) AS v
-WHERE a.id = v.agent_id AND (a.last_used_at IS NULL OR a.last_used_at < v.used_at)
+WITH v AS (
+    SELECT agent_id, max(used_at) AS used_at
+    FROM unnest($1::uuid[], $2::timestamptz[]) AS u(agent_id, used_at)
+    GROUP BY agent_id
+), locked AS (
+    SELECT a.id, v.used_at
+    FROM agents AS a JOIN v ON a.id = v.agent_id
+    WHERE a.last_used_at IS NULL OR a.last_used_at < v.used_at
+    ORDER BY a.id
+    FOR NO KEY UPDATE OF a
+)
+UPDATE agents AS a SET last_used_at = l.used_at
+FROM locked AS l
+WHERE a.id = l.id AND (a.last_used_at IS NULL OR a.last_used_at < l.used_at)
 """
 
 _CALL_COLUMNS = (

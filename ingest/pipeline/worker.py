@@ -1,8 +1,9 @@
 """The worker: wires source -> decode/batch -> sink -> commit, and nothing else.
 
-The loop itself holds no SQL and no Kafka protocol: it fetches, batches, hands a batch to
-the write in flight (``writes``: retried per ``policy``, with backpressure), then commits
-to Kafka what the database stored. Each other concern has its own home: connecting with
+The loop itself holds no SQL and no Kafka protocol: it fetches, batches per lane
+(``lanes``: each partition in one lane), hands a lane's batch to its write in flight
+(``writes``: retried per ``policy``, with backpressure), then commits to Kafka what the
+database stored. Each other concern has its own home: connecting with
 retries (``connections``), the retry waits and the shutdown deadline (``retry``), the
 probes' bookkeeping (``health``), the dead-letter breaker's hold (``breaker``).
 """
@@ -22,6 +23,7 @@ from ingest.pipeline.batch import BatchBuilder, to_item
 from ingest.pipeline.breaker import BreakerHold, DeadLetterBreaker
 from ingest.pipeline.connections import Connections
 from ingest.pipeline.health import HealthWatch
+from ingest.pipeline.lanes import Lane, WriteLanes
 from ingest.pipeline.positions import StoredPosition
 from ingest.pipeline.retry import Retries, Shutdown, ShutdownRequested
 from ingest.pipeline.sink import Item
@@ -71,20 +73,25 @@ class Worker:
         self.connections = Connections(
             settings, self.kafka_options, retries, self.shutdown, self.health
         )
-        self._writes = InFlightWrite(
-            self.connections,
-            retries,
-            self.shutdown,
-            self.health,
-            self.breaker,
-            on_reset=self._follow_reset,
-        )
-        self._watch = HealthWatch(self.health, self.connections, self._writes.idle)
-        self._batch = BatchBuilder(
-            settings.batch_max_events,
-            settings.batch_max_wait_ms / 1000,
-            max_bytes=settings.max_batch_bytes,
-        )
+
+        def lane() -> Lane:
+            write = InFlightWrite(
+                self.connections,
+                retries,
+                self.shutdown,
+                self.health,
+                self.breaker,
+                on_reset=self._follow_reset,
+            )
+            batch = BatchBuilder(
+                settings.batch_max_events,
+                settings.batch_max_wait_ms / 1000,
+                max_bytes=settings.max_batch_bytes,
+            )
+            return Lane(batch, write)
+
+        self._lanes = WriteLanes([lane() for _ in range(settings.write_lanes)])
+        self._watch = HealthWatch(self.health, self.connections, self._lanes.idle)
         # Per partition, the next offset to store: what the database holds, as last seen.
         self._positions: dict[tuple[str, int], int] = {}
 
@@ -135,7 +142,7 @@ class Worker:
                 "the next owner reads it again"
             )
         finally:
-            await self._writes.abandon()
+            await self._lanes.abandon()
 
     async def _consume_until_stopped(self) -> None:
         src = self.connections.source
@@ -144,20 +151,23 @@ class Worker:
             if self.breaker.is_open:
                 self._take_in(await self._hold.wait(src))
                 continue
-            timeout_ms = max(1, int(self._batch.time_left() * 1000)) if len(self._batch) else 500
+            buffered = len(self._lanes)
+            timeout_ms = max(1, int(self._lanes.time_left() * 1000)) if buffered else 500
             records = await src.fetch(
-                timeout_ms=timeout_ms, max_records=max(1, min(self._batch.room, FETCH_CHUNK))
+                timeout_ms=timeout_ms, max_records=max(1, min(self._lanes.room, FETCH_CHUNK))
             )
             await self._watch.after_fetch(src)
             for start in range(0, len(records), DECODE_SLICE):
                 self._take_in(records[start : start + DECODE_SLICE])
                 await asyncio.sleep(0)
-            if self._batch.ready():
-                # One write in flight at a time: the next batch is fetched and decoded while
-                # the current one is written, then waits for it.
-                await self._writes.wait(self._take_in)
+            # Free lanes first: a lane still writing is waited for only after the others'
+            # batches are on their way.
+            for lane in sorted(self._lanes.ready(), key=lambda lane: lane.write.busy):
+                # One write in flight per lane: the lane's next batch is fetched and decoded
+                # while its current one is written, then waits for it.
+                await lane.write.wait(self._take_in)
                 if not self.breaker.is_open:
-                    self._writes.start(self._write(self._batch.take()))
+                    lane.write.start(self._write(lane.write, lane.batch.take()))
             src.report_lag(self._positions)
 
     async def _drain(self) -> None:
@@ -166,9 +176,11 @@ class Worker:
         write is rolled back, not committed."""
         try:
             async with asyncio.timeout(self.shutdown.budget_s()):
-                await self._writes.wait(self._take_in)
-                if len(self._batch) and not self.breaker.is_open:
-                    await self._write(self._batch.take())
+                for lane in self._lanes:
+                    await lane.write.wait(self._take_in)
+                for lane in self._lanes:
+                    if len(lane.batch) and not self.breaker.is_open:
+                        await self._write(lane.write, lane.batch.take())
         except TimeoutError:
             raise ShutdownRequested from None
 
@@ -180,13 +192,14 @@ class Worker:
             counts[r.topic] = counts.get(r.topic, 0) + 1
         for topic, n in counts.items():
             metrics.EVENTS_CONSUMED.labels(topic).inc(n)
-        self._batch.add(to_item(r) for r in records)
+        self._lanes.add(to_item(r) for r in records)
 
-    async def _write(self, items: list[Item]) -> None:
-        """Store one batch, commit to Kafka what was stored, and feed the breaker."""
+    async def _write(self, write: InFlightWrite, items: list[Item]) -> None:
+        """Store one batch (as ``write``), commit to Kafka what was stored, and feed the
+        breaker."""
         src = self.connections.source
         assert src is not None
-        stored = await self._writes.store(items)
+        stored = await write.store(items)
         if stored is None:
             return
         t_commit = time.perf_counter()
@@ -206,10 +219,11 @@ class Worker:
         # Let a write in flight finish (its commit is still ours to make); past the budget,
         # go on: the fence in the database keeps a late write from storing twice.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._writes.idle.wait(), self.settings.rebalance_timeout_s)
-        dropped = self._batch.drop(
+            await asyncio.wait_for(self._lanes.wait_idle(), self.settings.rebalance_timeout_s)
+        dropped = self._lanes.drop(
             lambda i: TopicPartition(i.ref.topic, i.ref.partition) not in revoked
         )
+        self._lanes.forget((tp.topic, tp.partition) for tp in revoked)
         if dropped:
             log.info("dropped buffered records of revoked partitions", records=dropped)
 
@@ -228,5 +242,5 @@ class Worker:
         def keep(i: Item) -> bool:
             return (i.ref.topic, i.ref.partition) not in positions
 
-        self._batch.drop(keep)
+        self._lanes.drop(keep)
         return [i for i in items if keep(i)]

@@ -109,6 +109,11 @@ class InFlightWrite:
         self._retrying = False
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def busy(self) -> bool:
+        """True while a write started here has not finished (stored and committed)."""
+        return self._task is not None and not self._task.done()
+
     def start(self, write: Coroutine[Any, Any, None]) -> None:
         """Run ``write`` (store a batch, then commit it) as the write in flight."""
         self._task = asyncio.create_task(write)

@@ -94,6 +94,7 @@ class Settings:
     kafka_rebalance_timeout_ms: int = 10_000
     kafka_connections_max_idle_ms: int = 10_000
     batch_max_events: int = 5_000
+    write_lanes: int = 2
     batch_max_wait_ms: int = 200
     http_port: int = 8080
     shutdown_timeout_s: float = 25.0
@@ -223,6 +224,7 @@ class Settings:
                 "kafka_connections_max_idle_ms",
             ),
             batch_max_events=get("INGEST_BATCH_MAX_EVENTS", _int(1, 100_000), "batch_max_events"),
+            write_lanes=get("INGEST_WRITE_LANES", _int(1, 8), "write_lanes"),
             batch_max_wait_ms=get("INGEST_BATCH_MAX_WAIT_MS", _int(1, 60_000), "batch_max_wait_ms"),
             http_port=get("INGEST_HTTP_PORT", _int(0, 65_535), "http_port"),
             shutdown_timeout_s=get(
@@ -266,6 +268,12 @@ class Settings:
         if s.database_pool_min > s.database_pool_max:
             raise ConfigError(
                 f"DATABASE_POOL_MIN ({s.database_pool_min}) must not exceed "
+                f"DATABASE_POOL_MAX ({s.database_pool_max})"
+            )
+        if s.write_lanes > s.database_pool_max:
+            # Each lane holds a connection for its write in flight.
+            raise ConfigError(
+                f"INGEST_WRITE_LANES ({s.write_lanes}) must not exceed "
                 f"DATABASE_POOL_MAX ({s.database_pool_max})"
             )
         if s.database_lock_timeout_ms is not None and (

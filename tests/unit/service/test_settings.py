@@ -111,6 +111,7 @@ def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
         ("KAFKA_DLQ_PARTITIONS", "6", "kafka_dlq_partitions", 6),
         ("KAFKA_DLQ_REPLICATION_FACTOR", "3", "kafka_dlq_replication", 3),
         ("INGEST_BATCH_MAX_EVENTS", "100", "batch_max_events", 100),
+        ("INGEST_WRITE_LANES", "1", "write_lanes", 1),
         ("INGEST_BATCH_MAX_WAIT_MS", "50", "batch_max_wait_ms", 50),
         ("INGEST_HTTP_PORT", "9000", "http_port", 9000),
         ("INGEST_HTTP_PORT", "0", "http_port", 0),
@@ -174,6 +175,8 @@ def test_postgres_scheme_is_accepted() -> None:
         ("INGEST_BATCH_MAX_EVENTS", "0"),
         ("INGEST_BATCH_MAX_EVENTS", "100001"),
         ("INGEST_BATCH_MAX_EVENTS", "1.5"),
+        ("INGEST_WRITE_LANES", "0"),
+        ("INGEST_WRITE_LANES", "9"),
         ("INGEST_BATCH_MAX_WAIT_MS", "0"),
         ("INGEST_BATCH_MAX_WAIT_MS", "60001"),
         ("INGEST_HTTP_PORT", "-1"),
@@ -228,6 +231,22 @@ def test_pool_min_above_max_is_rejected() -> None:
 
 def test_pool_max_below_default_min_is_rejected() -> None:
     assert "DATABASE_POOL_MIN" in config_error({"DATABASE_URL": URL, "DATABASE_POOL_MAX": "1"})
+
+
+def test_write_lanes_default_to_two() -> None:
+    assert load().write_lanes == 2
+
+
+def test_write_lanes_above_pool_max_are_rejected() -> None:
+    message = config_error(
+        {
+            "DATABASE_URL": URL,
+            "DATABASE_POOL_MIN": "1",
+            "DATABASE_POOL_MAX": "2",
+            "INGEST_WRITE_LANES": "3",
+        }
+    )
+    assert message == "INGEST_WRITE_LANES (3) must not exceed DATABASE_POOL_MAX (2)"
 
 
 def test_pool_min_equal_to_max_is_accepted() -> None:
@@ -404,6 +423,8 @@ def test_a_longer_session_timeout_leaves_the_request_timeout_valid() -> None:
     s = load(KAFKA_SESSION_TIMEOUT_MS="45000")
 
     assert (s.kafka_session_timeout_ms, s.kafka_request_timeout_ms) == (45_000, 20_000)
+
+
 # --- static group membership ----------------------------------------------------------------
 
 
