@@ -76,6 +76,28 @@ def _parse_timestamp(v: Any) -> Any:
     return ts
 
 
+def _plain_timestamp(v: str) -> datetime | None:
+    """The time of an RFC 3339 string in one of the shapes producers send (seconds or
+    microseconds, ``Z`` or a ``+HH:MM`` offset, an upper-case ``T``), parsed without the
+    regex; None for any other shape, or a year at the edge of the range (``_parse_timestamp``
+    then decides). With the separators in place, ``fromisoformat`` accepts exactly ASCII
+    digits everywhere else: the language of ``_RFC3339`` for these shapes."""
+    n = len(v)
+    if not (
+        (n == 32 and v[19] == "." and v[26] in "+-" and v[29] == ":")
+        or (n == 20 and v[19] == "Z")
+        or (n == 27 and v[19] == "." and v[26] == "Z")
+        or (n == 25 and v[19] in "+-" and v[22] == ":")
+    ) or not (v[4] == v[7] == "-" and v[10] == "T" and v[13] == v[16] == ":"):
+        return None
+    try:
+        ts = datetime.fromisoformat(v)
+    except ValueError:
+        return None
+    # Year 1 or 9999 with an offset may not convert to UTC: the full check rejects those.
+    return ts if 1 < ts.year < 9999 else None
+
+
 def _finite(v: float | None) -> float | None:
     if v is not None and not math.isfinite(v):
         raise ValueError("must be finite")
@@ -350,7 +372,7 @@ def _decode_plain(obj: dict[str, Any], value: bytes, ref: RecordRef) -> CallEven
     if eid is None or cid is None:
         return None
     try:
-        created_at = _parse_timestamp(created)
+        created_at = _plain_timestamp(created) or _parse_timestamp(created)
         initiation = (
             _initiation.validate_python(_merged_fields(obj, data, _INITIATION_KEYS))
             if event_type == "initiation"

@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 from uuid import UUID
 
 import asyncpg
@@ -511,7 +511,7 @@ class BatchWriter:
         result.duplicates += stored.repeats
         result.dead_letters.extend(stored.rejected)
         result.dead_letters.extend(_repeats_of_rejected(events, stored.rejected, repeats, result))
-        result.written = [_event(i) for i in stored.items]
+        result.written = _events(stored.items)
 
         await self._publisher.publish(result.dead_letters)
 
@@ -540,7 +540,7 @@ class BatchWriter:
         conn: asyncpg.Connection, events: list[Item], result: WriteResult
     ) -> tuple[list[Item], set[UUID]]:
         """Dead-letter unknown agents and calls; return the rest and the calls that exist."""
-        evs = [_event(i) for i in events]
+        evs = _events(events)
         agent_ids = {
             e.initiation.agent_id
             for e in evs
@@ -637,7 +637,7 @@ class BatchWriter:
         termination) and are written once, by COPY; only calls that already existed take
         set-based UPDATEs, from the events actually inserted.
         """
-        events = [_event(i) for i in items]
+        events = _events(items)
         plan = CallPlan.of(events, existing_calls)
         if plan.new_calls:
             await conn.copy_records_to_table(
@@ -666,7 +666,7 @@ class BatchWriter:
             if any(_key(e) in stored_before for e in events if e.call_id in plan.new_calls):
                 raise _AlreadyStored(stored_before)
             items = [i for i, e in zip(items, events, strict=True) if _key(e) in inserted_keys]
-            events = [_event(i) for i in items]
+            events = _events(items)
             plan = CallPlan.of(events, existing_calls)
         if plan.answered:
             await conn.execute(_ANSWER_CALLS, plan.answered)
@@ -774,7 +774,7 @@ async def _drop_recent_repeats(
     """
     if not events:
         return events, 0
-    evs = [_event(i) for i in events]
+    evs = _events(events)
     times = [e.created_at for e in evs]
     first, last = min(times), max(times)
     stored: dict[UUID, list[datetime]] = {}
@@ -948,6 +948,12 @@ def _spans(
         elif ref.offset < first[k]:
             first[k] = ref.offset
     return first, last
+
+
+def _events(items: Sequence[Item]) -> list[CallEvent]:
+    """The events of items that the sink already knows to hold one (not a ``Rejection``):
+    unchecked, since it runs over every batch several times."""
+    return cast(list[CallEvent], [i.decoded for i in items])
 
 
 def _event(item: Item) -> CallEvent:

@@ -42,6 +42,23 @@ timestamps = st.one_of(
     st.just("2026-02-30T12:00:00Z"),
     st.just("9999-12-31T23:59:59-23:59"),
     st.just("0001-01-01T00:00:00+01:00"),
+    # The shapes the regex-free path parses, and near misses of them.
+    st.just("2026-03-01T12:00:00.123456+00:00"),
+    st.just("2026-03-01T12:00:00.123456Z"),
+    st.just("2026-03-01T12:00:00+05:30"),
+    st.just("2026-03-01T12:00:00.12345\u0663+00:00"),
+    st.just("2026-03-01T12:00:00.123456+24:00"),
+    st.just("2026-13-01T12:00:00Z"),
+    st.just("+026-03-01T12:00:00Z"),
+    st.just("9999-12-31T23:59:59.999999-01:00"),
+    st.just("0001-01-01T00:00:00.000000+01:00"),
+    st.builds(
+        lambda chars, shape: "".join(c if c != "#" else chars.pop() for c in shape),
+        st.lists(st.sampled_from("0123456789+-:.TZ \u0663"), min_size=24, max_size=24),
+        st.sampled_from(
+            ["####-##-##T##:##:##.######+##:##", "####-##-##T##:##:##Z", "####-##-##T##:##:##-##:##"]
+        ),
+    ),
     st.text(max_size=8),
     st.integers(-(2**63), 2**63 - 1),
     st.none(),
