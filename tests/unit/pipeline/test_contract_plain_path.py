@@ -56,7 +56,11 @@ timestamps = st.one_of(
         lambda chars, shape: "".join(c if c != "#" else chars.pop() for c in shape),
         st.lists(st.sampled_from("0123456789+-:.TZ \u0663"), min_size=24, max_size=24),
         st.sampled_from(
-            ["####-##-##T##:##:##.######+##:##", "####-##-##T##:##:##Z", "####-##-##T##:##:##-##:##"]
+            [
+                "####-##-##T##:##:##.######+##:##",
+                "####-##-##T##:##:##Z",
+                "####-##-##T##:##:##-##:##",
+            ]
         ),
     ),
     st.text(max_size=8),
