@@ -82,6 +82,9 @@ class SessionLimits:
             "tcp_keepalives_interval": str(self.keepalives_interval_s),
             "tcp_keepalives_count": str(self.keepalives_count),
             "tcp_user_timeout": str(self.tcp_user_timeout_ms),
+            # The writer's statements are small; a misestimate (the look-back's key-range
+            # probe, ``sink._RECENT_IDS_BY_KEY``) made the server compile each batch's plan.
+            "jit": "off",
         }
 
     def socket_options(self) -> list[tuple[int, int, int]]:

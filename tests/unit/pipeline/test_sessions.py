@@ -46,6 +46,7 @@ def test_the_server_is_told_every_limit_and_its_keepalives_at_start_up() -> None
         "tcp_keepalives_interval": "4",
         "tcp_keepalives_count": "5",
         "tcp_user_timeout": "40000",
+        "jit": "off",
     }
 
 
