@@ -131,6 +131,17 @@ async def _timescale_database() -> str:
     return _with_db(TIMESCALEDB_URL, name)
 
 
+async def _migrated_timescale_database() -> str:
+    """A new database on the TimescaleDB server with every migration applied."""
+    url = await _timescale_database()
+    conn = await asyncpg.connect(url)
+    try:
+        await Migrator(conn, discover()).up()
+    finally:
+        await conn.close()
+    return url
+
+
 async def _drop_timescale_database(url: str) -> None:
     await _drop_database(TIMESCALEDB_URL, url)
 
@@ -156,11 +167,6 @@ async def timescale_empty_url(_timescale_drops: list[asyncio.Task[None]]) -> Asy
 async def timescale_url() -> AsyncIterator[str]:
     """A database on the TimescaleDB server with every migration applied (default
     settings), shared by the session like ``database_url``: tests use their own calls."""
-    url = await _timescale_database()
-    conn = await asyncpg.connect(url)
-    try:
-        await Migrator(conn, discover()).up()
-    finally:
-        await conn.close()
+    url = await _migrated_timescale_database()
     yield url
     await _drop_timescale_database(url)

@@ -53,12 +53,15 @@ class WriteLanes:
         """The lane of a partition: fixed once seen; a new one goes to the lane with the
         fewest partitions (the lowest on a tie), so the load spreads whatever the
         partition numbers are."""
+        return self._lanes[self._index_of(key)]
+
+    def _index_of(self, key: TopicPartitionKey) -> int:
         index = self._lane_of.get(key)
         if index is None:
             index = min(range(len(self._lanes)), key=self._load.__getitem__)
             self._lane_of[key] = index
             self._load[index] += 1
-        return self._lanes[index]
+        return index
 
     def add(self, items: Iterable[Item]) -> None:
         """Append items to their partitions' lanes (in consumption order within each)."""
@@ -68,11 +71,7 @@ class WriteLanes:
         by_lane: dict[int, list[Item]] = {}
         for item in items:
             ref = item.ref
-            lane = self._lane_of.get((ref.topic, ref.partition))
-            if lane is None:
-                self.lane_of((ref.topic, ref.partition))
-                lane = self._lane_of[(ref.topic, ref.partition)]
-            by_lane.setdefault(lane, []).append(item)
+            by_lane.setdefault(self._index_of((ref.topic, ref.partition)), []).append(item)
         for index, part in by_lane.items():
             self._lanes[index].batch.add(part)
 

@@ -18,8 +18,7 @@ import pytest_asyncio
 
 from ingest.pipeline.contract import RecordRef, decode
 from ingest.pipeline.sink import _RECENT_IDS, BatchWriter, Item, WriteResult
-from ingest.tools.migrate import Migrator, discover
-from tests.conftest import _drop_timescale_database, _timescale_database
+from tests.conftest import _drop_timescale_database, _migrated_timescale_database
 from tests.support import Topics, call_events, event, one_connection_writer
 
 WINDOW = timedelta(hours=24)
@@ -35,12 +34,7 @@ async def server_url(request: pytest.FixtureRequest, database_url: str) -> Async
     if request.param == "PostgreSQL":
         yield database_url
         return
-    url = await _timescale_database()
-    conn = await asyncpg.connect(url)
-    try:
-        await Migrator(conn, discover()).up()
-    finally:
-        await conn.close()
+    url = await _migrated_timescale_database()
     yield url
     await _drop_timescale_database(url)
 
