@@ -7,9 +7,9 @@ Per batch, in one transaction:
 2. dead-letter initiations naming a missing agent and events of calls that do not exist;
 3. drop repeats within the batch (first wins): the same ``id`` at the same ``created_at``
    or, with a dedup window, within the window of it; then, with a dedup window, the
-   look-back: drop the events whose ``id`` is stored within the window of their
-   ``created_at`` (one query per batch naming a time range, so TimescaleDB reads only the
-   chunks in it);
+   look-back: drop the events of calls stored before the batch whose ``id`` is stored
+   within the window of their ``created_at`` (one query per batch naming a time range, so
+   TimescaleDB reads only the chunks in it);
 4. in a savepoint: COPY the calls begun in this batch (with what the batch's answers and
    terminations did to them), COPY the events (a key stored before fails the COPY: the
    savepoint rolls back and the events go again by ``INSERT ... ON CONFLICT (id,
@@ -149,6 +149,33 @@ CROSS JOIN LATERAL (
     OFFSET 0
 ) AS e
 """
+
+
+@dataclass(frozen=True, slots=True)
+class LookBack:
+    """The look-back's statement, and whether each run plans it anew."""
+
+    query: str
+    # A statement of its own per run: planned for its bounds, never from the plan cache.
+    # A cached statement's generic plan of a hypertable query names every chunk: building
+    # it opens them all (about 100 ms per session at a year of daily chunks, compressed
+    # ones with theirs) and each run of it locks them all at executor startup, where a plan
+    # for the bounds at hand names the few chunks in range. Two more round trips per batch
+    # (prepare, and closing the previous batch's statement) cost less.
+    planned_each_time: bool
+
+    async def fetch(
+        self, conn: asyncpg.Connection, ids: list[UUID], low: datetime, high: datetime
+    ) -> list[asyncpg.Record]:
+        """The stored ``(id, created_at)`` of ``ids`` between ``low`` and ``high``."""
+        if not self.planned_each_time:
+            return cast(list[asyncpg.Record], await conn.fetch(self.query, ids, low, high))
+        statement = await conn.prepare(self.query)
+        return cast(list[asyncpg.Record], await statement.fetch(ids, low, high))
+
+
+HYPERTABLE_LOOK_BACK = LookBack(_RECENT_IDS, planned_each_time=True)
+TABLE_LOOK_BACK = LookBack(_RECENT_IDS_BY_KEY, planned_each_time=False)
 _HAS_HYPERTABLE_VIEW = "SELECT to_regclass('timescaledb_information.hypertables') IS NOT NULL"
 _IS_HYPERTABLE = """
 SELECT EXISTS (
@@ -339,8 +366,8 @@ class BatchWriter:
         # except by an operator's reset; one found behind this is such a reset.
         self._reading_from: dict[TopicPartitionKey, int] = {}
         self._insert_only_batches = 0
-        # The look-back's statement for this database (``_recent_ids_query``).
-        self._recent_ids: str | None = None
+        # The look-back's statement for this database (``_look_back``).
+        self._look_back_kind: LookBack | None = None
 
     async def ping(self, timeout_s: float | None = None) -> None:
         """Raise unless the database answers (within ``timeout_s``)."""
@@ -531,8 +558,10 @@ class BatchWriter:
             # It sees committed rows only: the same id written at this moment by another
             # partition's transaction with another created_at is not seen, and the key's
             # index does not stop it either (a limit, see docs/guarantees.md).
-            query = await self._recent_ids_query(conn)
-            events, recent = await _drop_recent_repeats(conn, events, self._dedup_window, query)
+            look_back = await self._look_back(conn)
+            events, recent = await _drop_recent_repeats(
+                conn, events, self._dedup_window, existing_calls, look_back
+            )
             result.duplicates += recent
         copy = self._insert_only_batches == 0
         self._insert_only_batches = max(0, self._insert_only_batches - 1)
@@ -557,15 +586,15 @@ class BatchWriter:
         )
         return result
 
-    async def _recent_ids_query(self, conn: asyncpg.Connection) -> str:
-        """``_RECENT_IDS`` on a hypertable, ``_RECENT_IDS_BY_KEY`` on a plain table (asked
-        once: the worker does not change what the migrations made)."""
-        if self._recent_ids is None:
+    async def _look_back(self, conn: asyncpg.Connection) -> LookBack:
+        """The look-back for a hypertable or for a plain table (asked once: the worker does
+        not change what the migrations made)."""
+        if self._look_back_kind is None:
             hyper = bool(await conn.fetchval(_HAS_HYPERTABLE_VIEW)) and bool(
                 await conn.fetchval(_IS_HYPERTABLE)
             )
-            self._recent_ids = _RECENT_IDS if hyper else _RECENT_IDS_BY_KEY
-        return self._recent_ids
+            self._look_back_kind = HYPERTABLE_LOOK_BACK if hyper else TABLE_LOOK_BACK
+        return self._look_back_kind
 
     async def _lock_positions(
         self, conn: asyncpg.Connection, keys: list[TopicPartitionKey]
@@ -802,19 +831,26 @@ def _drop_batch_repeats(
 
 
 async def _drop_recent_repeats(
-    conn: asyncpg.Connection, events: list[Item], window: timedelta, query: str = _RECENT_IDS
+    conn: asyncpg.Connection,
+    events: list[Item],
+    window: timedelta,
+    existing_calls: set[UUID],
+    look_back: LookBack,
 ) -> tuple[list[Item], int]:
     """Drop the events whose ``id`` is stored with a ``created_at`` within ``window`` of
     theirs; return the rest and how many were dropped.
 
-    The window applies both ways around each event's time: a retry usually carries a later
-    ``created_at`` (a new record timestamp), a copy published late an earlier one. The
-    batch's times are read in spans (``spans_of_times``), so one late event among fresh
-    ones does not widen the range read to the days in between.
+    Only events of ``existing_calls`` (the calls stored before this batch) are looked up: a
+    call begun in this batch has no stored events yet (each stored event names a stored
+    call), so its events cannot repeat a stored one. The window applies both ways around
+    each event's time: a retry usually carries a later ``created_at`` (a new record
+    timestamp), a copy published late an earlier one. The times are read in spans
+    (``spans_of_times``), so one late event among fresh ones does not widen the range read
+    to the days in between.
     """
-    if not events:
+    evs = [e for e in _events(events) if e.call_id in existing_calls]
+    if not evs:
         return events, 0
-    evs = _events(events)
     times = [e.created_at for e in evs]
     first, last = min(times), max(times)
     stored: dict[UUID, list[datetime]] = {}
@@ -823,16 +859,17 @@ async def _drop_recent_repeats(
     spans = [(first, last)] if one else spans_of_times(times, window)
     for low, high in spans:
         ids = [e.id for e in evs] if one else [e.id for e in evs if low <= e.created_at <= high]
-        for row in await conn.fetch(query, ids, low - window, high + window):
+        for row in await look_back.fetch(conn, ids, low - window, high + window):
             stored.setdefault(row[0], []).append(row[1])
     if not stored:
         return events, 0
-    kept = [
-        item
-        for item, e in zip(events, evs, strict=True)
-        if not any(abs(e.created_at - t) <= window for t in stored.get(e.id, ()))
-    ]
+    kept = [item for item in events if not _stored_near(_event(item), stored, window)]
     return kept, len(events) - len(kept)
+
+
+def _stored_near(e: CallEvent, stored: dict[UUID, list[datetime]], window: timedelta) -> bool:
+    """Whether ``e``'s id is among ``stored`` with a time within ``window`` of its own."""
+    return any(abs(e.created_at - t) <= window for t in stored.get(e.id, ()))
 
 
 def spans_of_times(times: list[datetime], window: timedelta) -> list[tuple[datetime, datetime]]:

@@ -17,7 +17,13 @@ import pytest
 import pytest_asyncio
 
 from ingest.pipeline.contract import RecordRef, decode
-from ingest.pipeline.sink import _RECENT_IDS, BatchWriter, Item, WriteResult
+from ingest.pipeline.sink import (
+    _RECENT_IDS,
+    HYPERTABLE_LOOK_BACK,
+    BatchWriter,
+    Item,
+    WriteResult,
+)
 from tests.conftest import _drop_timescale_database, _migrated_timescale_database
 from tests.support import Topics, call_events, event, one_connection_writer
 
@@ -169,6 +175,23 @@ async def test_with_the_window_off_the_same_id_at_another_created_at_is_another_
     assert len(await stored_times(db, answer["id"])) == 2
 
 
+async def test_an_id_reused_by_a_call_begun_in_the_batch_is_another_event(db, writer, topics):
+    # The look-back asks only about events of calls stored before the batch: a call begun in
+    # it has no stored events, so an id it shares with another call's is that call's own.
+    init, answer = call_events(uuid.uuid4(), T0)[:2]
+    await write(writer, topics, init, answer)
+    other = call_events(uuid.uuid4(), T0 + timedelta(minutes=1))[0]
+    reused = event(
+        uuid.UUID(other["call_id"]),
+        "answer",
+        at=T0 + timedelta(minutes=2),
+        event_id=uuid.UUID(answer["id"]),
+    )
+    result = await write(writer, topics, other, reused)
+    assert counts(result) == (2, 0, 0)
+    assert len(await stored_times(db, answer["id"])) == 2
+
+
 # --- without created_at: the record timestamp is the event's time ----------------------------
 
 
@@ -298,9 +321,8 @@ async def test_the_look_back_reads_only_the_uncompressed_chunks_of_its_range(
         )
     }
     async with db.acquire() as conn:
-        # A generic plan, as the worker's prepared statement gets after five runs: the
-        # bounds are parameters, so the chunks are excluded when the executor starts.
-        plan = await _plan(conn, _RECENT_IDS, 100, low, high, "force_generic_plan", analyze=True)
+        # Planned for its bounds, as the worker plans each run on a hypertable.
+        plan = await _plan(conn, _RECENT_IDS, 100, low, high, "force_custom_plan", analyze=True)
     scanned = _executed_relations(plan["Plan"])
     all_chunks = await db.fetchval(
         "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = 'call_events'"
@@ -308,6 +330,27 @@ async def test_the_look_back_reads_only_the_uncompressed_chunks_of_its_range(
     assert all_chunks > len(in_range)
     assert scanned
     assert scanned <= in_range, (scanned, in_range)
+
+
+async def test_on_a_hypertable_each_look_back_is_planned_for_its_own_bounds(server_url, db):
+    # A cached statement's generic plan names every chunk: building it opened them all (about
+    # 100 ms per session at a year of daily chunks) and each run locked them all.
+    if not await db.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
+    ):
+        pytest.skip("plain PostgreSQL keeps one cached statement: no chunks to name")
+    ids = [uuid.uuid4() for _ in range(20)]
+    statements = (
+        "SELECT custom_plans, generic_plans FROM pg_prepared_statements WHERE statement = $1"
+    )
+    async with db.acquire() as conn:
+        # Prepared before: asyncpg closes unused statements when it prepares a new one.
+        await conn.fetch(statements, _RECENT_IDS)
+        for _ in range(8):
+            await HYPERTABLE_LOOK_BACK.fetch(conn, ids, T0 - WINDOW, T0 + WINDOW)
+        runs = await conn.fetch(statements, _RECENT_IDS)
+    # The last run's statement: run once, planned for its bounds (a cached one: 8 runs).
+    assert [(r["custom_plans"], r["generic_plans"]) for r in runs] == [(1, 0)]
 
 
 async def _plan(
@@ -364,6 +407,6 @@ async def test_the_look_back_probes_the_key_even_when_statistics_take_the_newest
         T0,
     )
     async with db.acquire() as conn:
-        query = await writer._recent_ids_query(conn)
+        query = (await writer._look_back(conn)).query
         plan = await _plan(conn, query, 50, T0 - WINDOW, T0 + WINDOW, "force_custom_plan")
     assert _indexes_used(plan["Plan"]) == {"call_events_pkey"}
