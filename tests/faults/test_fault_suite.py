@@ -324,8 +324,8 @@ async def test_chaos_soak_three_replicas_random_kills_exact_reconciliation(
     workers = [WorkerProcess(env, tmp_path / f"w{i}.log").start() for i in range(3)]
     kills = 0
     try:
-        producer = asyncio.create_task(publish_slowly(topics, records, chunks=60, pause_s=0.6))
-        soak_until = time.monotonic() + 45
+        producer = asyncio.create_task(publish_slowly(topics, records, chunks=45, pause_s=0.6))
+        soak_until = time.monotonic() + 30
         while time.monotonic() < soak_until:
             await asyncio.sleep(rng.uniform(2, 5))
             i = rng.randrange(3)

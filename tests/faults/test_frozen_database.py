@@ -42,7 +42,7 @@ async def test_a_flow_frozen_at_any_point_of_the_batch_holds_the_pipeline_for_se
             env.pop(name)
         worker = WorkerProcess(env, tmp_path / "w.log").start()
         try:
-            producer = asyncio.create_task(publish_slowly(topics, records, chunks=20, pause_s=0.8))
+            producer = asyncio.create_task(publish_slowly(topics, records, chunks=12, pause_s=0.8))
 
             async def stored_some() -> bool:
                 assert worker.alive(), worker.log()[-3000:]
