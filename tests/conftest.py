@@ -14,8 +14,7 @@ import pytest
 import pytest_asyncio
 
 from ingest.tools.devbroker import TansuBroker, broker_or_env
-from ingest.tools.migrate import Migrator, discover
-from tests.support import Topics, create_topics
+from tests.support import Topics, create_topics, migrate
 
 TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -50,11 +49,7 @@ async def _drop_database(server_url: str, url: str) -> None:
 async def database_url() -> AsyncIterator[str]:
     """A migrated database of its own for this test session, dropped at the end."""
     url = await _create_database(TEST_DATABASE_URL, "ingest_test")
-    conn = await asyncpg.connect(url)
-    try:
-        await Migrator(conn, discover()).up()
-    finally:
-        await conn.close()
+    await migrate(url)
     yield url
     await _drop_database(TEST_DATABASE_URL, url)
 
@@ -134,11 +129,7 @@ async def _timescale_database() -> str:
 async def _migrated_timescale_database() -> str:
     """A new database on the TimescaleDB server with every migration applied."""
     url = await _timescale_database()
-    conn = await asyncpg.connect(url)
-    try:
-        await Migrator(conn, discover()).up()
-    finally:
-        await conn.close()
+    await migrate(url)
     return url
 
 

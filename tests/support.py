@@ -27,6 +27,7 @@ from ingest.pipeline.deadletter import DeadLetterPublisher, header_map
 from ingest.pipeline.sink import DEFAULT_DEDUP_WINDOW, BatchWriter
 from ingest.pipeline.worker import Worker
 from ingest.service.settings import Settings
+from ingest.tools.migrate import Migrator, discover
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,15 @@ async def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
         )
     finally:
         await admin.close()
+
+
+async def migrate(url: str) -> None:
+    """Apply every migration to the database at ``url``."""
+    conn = await asyncpg.connect(url)
+    try:
+        await Migrator(conn, discover()).up()
+    finally:
+        await conn.close()
 
 
 def worker_env(database_url: str, t: Topics, **extra: str) -> dict[str, str]:

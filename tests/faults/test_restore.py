@@ -29,7 +29,6 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from ingest.tools.migrate import Migrator, discover
 from tests.conftest import (
     TEST_DATABASE_URL,
     TIMESCALEDB_URL,
@@ -44,6 +43,7 @@ from tests.support import (
     create_topics,
     drained,
     eventually,
+    migrate,
     read_topic,
     stored_positions,
     worker_env,
@@ -137,11 +137,7 @@ async def databases(server: Server) -> AsyncIterator[tuple[str, str]]:
     live = await server.create()
     restored = await server.create()
     try:
-        conn = await asyncpg.connect(live)
-        try:
-            await Migrator(conn, discover()).up()
-        finally:
-            await conn.close()
+        await migrate(live)
         yield live, restored
     finally:
         for url in (live, restored):

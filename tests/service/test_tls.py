@@ -35,7 +35,6 @@ from aiokafka.helpers import create_ssl_context
 from ingest.pipeline.sessions import SessionLimits, open_pool
 from ingest.service.settings import Settings
 from ingest.tools.devbroker import TansuBroker, free_port
-from ingest.tools.migrate import Migrator, discover
 from tests.pki import SERVER_NAME, Pki, make_pki
 from tests.support import (
     Published,
@@ -45,6 +44,7 @@ from tests.support import (
     call_events,
     drained,
     http_get_blocking,
+    migrate,
     publish,
     record,
     running_worker,
@@ -132,11 +132,7 @@ async def tls_database(tls_server: int, pki: Pki) -> str:
     finally:
         await admin.close()
     url = _url(SERVER_NAME, tls_server, sslmode="verify-full", sslrootcert=str(pki.ca))
-    conn = await asyncpg.connect(url)
-    try:
-        await Migrator(conn, discover()).up()
-    finally:
-        await conn.close()
+    await migrate(url)
     return url
 
 
