@@ -8,8 +8,12 @@ advisory lock makes concurrent ``up`` runs (several replicas starting) take turn
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import re
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -50,6 +54,26 @@ _VIEWS = """
 SELECT viewname FROM pg_views
 WHERE schemaname = current_schema() AND viewname = 'call_events_hourly'
 """
+
+# The scheduled jobs of call_events and of its aggregate (0004's policies), by id.
+_LIFECYCLE_JOBS = """
+SELECT job_id FROM timescaledb_information.jobs
+WHERE hypertable_schema = current_schema()
+  AND hypertable_name IN ('call_events', 'call_events_hourly') AND scheduled
+"""
+_RUNNING_JOBS = """
+SELECT EXISTS (SELECT 1 FROM timescaledb_information.job_stats
+               WHERE job_id = ANY($1::int[]) AND job_status = 'Running')
+"""
+_SCHEDULE_JOBS = """
+SELECT alter_job(j.job_id, scheduled => $2)
+FROM timescaledb_information.jobs j WHERE j.job_id = ANY($1::int[])
+"""
+# How long a migration waits for a policy run already under way (a compression of a day's
+# chunk, a refresh of the aggregate) before it gives up and changes nothing.
+JOBS_WAIT_S: Final = 300.0
+
+_HAS_JOBS_VIEW = "SELECT to_regclass('timescaledb_information.jobs') IS NOT NULL"
 
 _CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS ingest_schema_migrations (
@@ -117,6 +141,33 @@ class Status:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
 
+async def pause_lifecycle_jobs(
+    conn: asyncpg.Connection, wait_s: float = JOBS_WAIT_S, *, resume_on_timeout: bool = False
+) -> list[int]:
+    """Unschedule the scheduled policy jobs of call_events and of its aggregate, and wait
+    for a run already under way; return the jobs unscheduled (none without TimescaleDB).
+
+    Raises ``MigrationError`` when a run goes on past ``wait_s`` (with
+    ``resume_on_timeout``, after scheduling the jobs again)."""
+    if not await conn.fetchval(_HAS_JOBS_VIEW):
+        return []
+    jobs = [r["job_id"] for r in await conn.fetch(_LIFECYCLE_JOBS)]
+    if not jobs:
+        return jobs
+    await conn.execute(_SCHEDULE_JOBS, jobs, False)
+    deadline = time.monotonic() + wait_s
+    while await conn.fetchval(_RUNNING_JOBS, jobs):
+        if time.monotonic() > deadline:
+            if resume_on_timeout:
+                await conn.execute(_SCHEDULE_JOBS, jobs, True)
+            raise MigrationError(
+                f"a TimescaleDB policy job on call_events still runs after {wait_s:.0f} s; "
+                "nothing was changed, try again later"
+            )
+        await asyncio.sleep(0.2)
+    return jobs
+
+
 def schema_dir() -> Path:
     """Where the migration files are: inside an installed package, or in the source tree."""
     package = Path(__file__).resolve().parent.parent
@@ -166,8 +217,10 @@ class Migrator:
         *,
         compress_after: str = "7 days",
         retention: str = "off",
+        jobs_wait_s: float = JOBS_WAIT_S,
     ) -> None:
         self._conn = conn
+        self._jobs_wait_s = jobs_wait_s
         self._migrations = migrations
         self._chunk_interval = chunk_interval
         self._readonly_password = readonly_password
@@ -187,41 +240,61 @@ class Migrator:
     async def _unlock(self) -> None:
         await self._conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
 
+    @contextlib.asynccontextmanager
+    async def _jobs_paused(self) -> AsyncIterator[None]:
+        """Keep TimescaleDB's policy jobs on call_events from running during migrations.
+
+        A scheduled policy run that overlaps a migration's DDL on the same catalog rows
+        fails it ("tuple concurrently updated"). Afterwards the jobs that still exist are
+        scheduled again, whether the migrations succeeded or not (those a down removed are
+        gone); a job that was unscheduled before stays so."""
+        jobs = await pause_lifecycle_jobs(self._conn, self._jobs_wait_s, resume_on_timeout=True)
+        try:
+            yield
+        finally:
+            if jobs:
+                await self._conn.execute(_SCHEDULE_JOBS, jobs, True)
+
     async def up(self, target: str | None = None) -> list[Migration]:
         """Apply every pending migration (up to ``target``); return those applied."""
         await self._locked()
         try:
             applied = await self._applied()
-            done: list[Migration] = []
-            for m in self._migrations:
-                if target is not None and m.version > target:
-                    break
-                if m.version in applied:
-                    continue
-                async with self._conn.transaction():
-                    # Settings reach the SQL as transaction-local parameters, never as literals.
-                    await self._conn.execute(
-                        "SELECT set_config('ingest.chunk_interval', $1, true), "
-                        "set_config('ingest.readonly_password', $2, true), "
-                        "set_config('ingest.compress_after', $3, true), "
-                        "set_config('ingest.retention', $4, true)",
-                        self._chunk_interval,
-                        self._readonly_password or "",
-                        self._compress_after,
-                        self._retention,
-                    )
-                    await self._conn.execute(m.up)
-                    await self._conn.execute(
-                        "INSERT INTO ingest_schema_migrations (version, name, checksum) "
-                        "VALUES ($1, $2, $3)",
-                        m.version,
-                        m.name,
-                        m.checksum,
-                    )
-                done.append(m)
-            return done
+            pending = [
+                m
+                for m in self._migrations
+                if m.version not in applied and (target is None or m.version <= target)
+            ]
+            if not pending:
+                return []
+            async with self._jobs_paused():
+                for m in pending:
+                    await self._apply(m)
+            return pending
         finally:
             await self._unlock()
+
+    async def _apply(self, m: Migration) -> None:
+        async with self._conn.transaction():
+            # Settings reach the SQL as transaction-local parameters, never as literals.
+            await self._conn.execute(
+                "SELECT set_config('ingest.chunk_interval', $1, true), "
+                "set_config('ingest.readonly_password', $2, true), "
+                "set_config('ingest.compress_after', $3, true), "
+                "set_config('ingest.retention', $4, true)",
+                self._chunk_interval,
+                self._readonly_password or "",
+                self._compress_after,
+                self._retention,
+            )
+            await self._conn.execute(m.up)
+            await self._conn.execute(
+                "INSERT INTO ingest_schema_migrations (version, name, checksum) "
+                "VALUES ($1, $2, $3)",
+                m.version,
+                m.name,
+                m.checksum,
+            )
 
     async def down(self, steps: int = 1) -> list[Migration]:
         """Revert the last ``steps`` applied migrations, newest first; return those reverted."""
@@ -229,17 +302,22 @@ class Migrator:
         try:
             applied = await self._applied()
             by_version = {m.version: m for m in self._migrations}
+            versions = sorted(applied, reverse=True)[:steps]
+            missing = [v for v in versions if v not in by_version]
+            if missing:
+                raise MigrationError(f"applied migration {missing[0]} has no file to revert it")
             undone: list[Migration] = []
-            for version in sorted(applied, reverse=True)[:steps]:
-                m = by_version.get(version)
-                if m is None:
-                    raise MigrationError(f"applied migration {version} has no file to revert it")
-                async with self._conn.transaction():
-                    await self._conn.execute(m.down)
-                    await self._conn.execute(
-                        "DELETE FROM ingest_schema_migrations WHERE version = $1", version
-                    )
-                undone.append(m)
+            if not versions:
+                return undone
+            async with self._jobs_paused():
+                for version in versions:
+                    m = by_version[version]
+                    async with self._conn.transaction():
+                        await self._conn.execute(m.down)
+                        await self._conn.execute(
+                            "DELETE FROM ingest_schema_migrations WHERE version = $1", version
+                        )
+                    undone.append(m)
             return undone
         finally:
             await self._unlock()

@@ -17,8 +17,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from ingest.tools.bench.history import pause_lifecycle_jobs
-from ingest.tools.migrate import Migrator, discover, schema_dir
+from ingest.tools.migrate import Migrator, discover, pause_lifecycle_jobs, schema_dir
 from tests.conftest import (
     TEST_DATABASE_URL,
     _drop_timescale_database,

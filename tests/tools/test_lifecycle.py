@@ -11,8 +11,7 @@ import sys
 import asyncpg
 import pytest
 
-from ingest.tools.bench.history import pause_lifecycle_jobs
-from ingest.tools.migrate import Migrator, discover
+from ingest.tools.migrate import Migration, Migrator, discover, pause_lifecycle_jobs
 
 LIFECYCLE = "0004"
 # Reverting the lifecycle reverts what came after it too, newest first.
@@ -26,6 +25,33 @@ WHERE hypertable_name IN ('call_events', 'call_events_hourly')
 
 async def _jobs(conn: asyncpg.Connection) -> dict[str, str]:
     return {r["proc_name"]: r["config"] for r in await conn.fetch(_JOBS)}
+
+
+async def _scheduled(conn: asyncpg.Connection) -> dict[str, bool]:
+    return {
+        r["proc_name"]: r["scheduled"]
+        for r in await conn.fetch(
+            "SELECT proc_name, scheduled FROM timescaledb_information.jobs "
+            "WHERE hypertable_name IN ('call_events', 'call_events_hourly')"
+        )
+    }
+
+
+# Records, from inside a migration's transaction, whether each policy job was scheduled.
+_SEE_JOBS = """
+CREATE TABLE jobs_seen AS
+SELECT proc_name, scheduled FROM timescaledb_information.jobs
+WHERE hypertable_name IN ('call_events', 'call_events_hourly')
+"""
+
+
+# The jobs of the default settings (retention is off).
+_DEFAULT_POLICIES = ("policy_compression", "policy_refresh_continuous_aggregate")
+
+
+def _probe(up: str, down: str) -> Migration:
+    """A migration after the shipped ones, for what a migration sees while it runs."""
+    return Migration("9001", "probe", up, down, "probe")
 
 
 async def _old_compressed_events(conn: asyncpg.Connection, n: int) -> None:
@@ -140,9 +166,8 @@ async def test_down_removes_policies_aggregate_and_compression_and_keeps_the_eve
     conn = await asyncpg.connect(timescale_empty_url)
     try:
         await Migrator(conn, discover()).up()
-        # A policy's scheduled run racing the down migration's DDL failed it once with
-        # "tuple concurrently updated"; paused jobs are still there for down to remove.
-        await pause_lifecycle_jobs(conn)
+        # No pause here: a policy's scheduled run racing down's DDL failed it once with
+        # "tuple concurrently updated"; the migrator now keeps the jobs still itself.
         await _old_compressed_events(conn, 50)
         undone = await Migrator(conn, discover()).down(steps=FROM_LIFECYCLE)
         assert [m.version for m in undone][-1] == LIFECYCLE
@@ -205,5 +230,66 @@ async def test_on_plain_postgresql_the_hourly_aggregate_is_a_view_down_removes(
         await m.down(steps=FROM_LIFECYCLE)
         assert await conn.fetchval("SELECT to_regclass('call_events_hourly')") is None
         assert await conn.fetchval("SELECT to_regclass('idx_call_events_hour')") is None
+    finally:
+        await conn.close()
+
+
+async def test_a_migration_runs_with_the_policy_jobs_unscheduled_and_they_run_again_after(
+    timescale_empty_url: str,
+) -> None:
+    conn = await asyncpg.connect(timescale_empty_url)
+    try:
+        await Migrator(conn, discover()).up()
+        await Migrator(conn, [*discover(), _probe(_SEE_JOBS, "DROP TABLE jobs_seen")]).up()
+        seen = {r["proc_name"]: r["scheduled"] for r in await conn.fetch("TABLE jobs_seen")}
+        assert seen == dict.fromkeys(_DEFAULT_POLICIES, False)
+        assert await _scheduled(conn) == dict.fromkeys(_DEFAULT_POLICIES, True)
+    finally:
+        await conn.close()
+
+
+async def test_a_down_migration_runs_with_the_policy_jobs_unscheduled(
+    timescale_empty_url: str,
+) -> None:
+    conn = await asyncpg.connect(timescale_empty_url)
+    try:
+        migrations = [*discover(), _probe("SELECT 1", _SEE_JOBS)]
+        await Migrator(conn, migrations).up()
+        await Migrator(conn, migrations).down(steps=1)
+        seen = {r["proc_name"]: r["scheduled"] for r in await conn.fetch("TABLE jobs_seen")}
+        assert seen == dict.fromkeys(_DEFAULT_POLICIES, False)
+        assert await _scheduled(conn) == dict.fromkeys(_DEFAULT_POLICIES, True)
+    finally:
+        await conn.close()
+
+
+async def test_the_policy_jobs_run_again_after_a_migration_that_failed(
+    timescale_empty_url: str,
+) -> None:
+    conn = await asyncpg.connect(timescale_empty_url)
+    try:
+        await Migrator(conn, discover()).up()
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await Migrator(conn, [*discover(), _probe("SELECT 1 / 0", "SELECT 1")]).up()
+        assert await _scheduled(conn) == dict.fromkeys(_DEFAULT_POLICIES, True)
+    finally:
+        await conn.close()
+
+
+async def test_a_policy_job_the_operator_unscheduled_stays_unscheduled_after_a_migration(
+    timescale_empty_url: str,
+) -> None:
+    conn = await asyncpg.connect(timescale_empty_url)
+    try:
+        await Migrator(conn, discover()).up()
+        await conn.execute(
+            "SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs "
+            "WHERE proc_name = 'policy_compression'"
+        )
+        await Migrator(conn, [*discover(), _probe("SELECT 1", "SELECT 1")]).up()
+        assert await _scheduled(conn) == {
+            "policy_compression": False,
+            "policy_refresh_continuous_aggregate": True,
+        }
     finally:
         await conn.close()

@@ -10,7 +10,6 @@ it. Each run removes only what it added (everything at or after the corpus start
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import time
@@ -23,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from ingest.tools.migrate import Migrator, discover
+from ingest.tools.migrate import Migrator, discover, pause_lifecycle_jobs
 from ingest.tools.produce import PHRASES
 
 # Days generated per statement: big enough to amortise round trips, small enough to sort
@@ -214,6 +213,9 @@ async def _generate(url: str, shape: Shape, say: Callable[[str], None]) -> Histo
     conn = await asyncpg.connect(url)
     try:
         await Migrator(conn, discover()).up()
+        # The bench compresses exactly the chunks it means to and refreshes the aggregate
+        # itself: a policy run against today's clock would compress (or drop) history, and
+        # the corpus, in the middle of a drain, and fail the bench's own refresh.
         await pause_lifecycle_jobs(conn)
         first_day = shape.ends_at - timedelta(days=shape.days)
         say(f"history: generating {shape.days} days x {shape.calls_per_day:,} calls")
@@ -272,33 +274,6 @@ async def is_hypertable(url: str) -> bool:
         )
     finally:
         await conn.close()
-
-
-async def pause_lifecycle_jobs(conn: asyncpg.Connection, timeout_s: float = 60) -> None:
-    """Unschedule the policies' jobs on call_events and its aggregate, and wait out a run
-    that had already started: the bench compresses exactly the chunks it means to and
-    refreshes the aggregate itself; a policy measured against today's clock would otherwise
-    compress (or drop) history, and the corpus, in the middle of a drain, and a refresh
-    policy run makes the bench's own refresh fail ("due to a concurrent refresh")."""
-    if not await _has_timescaledb(conn):
-        return
-    jobs = [
-        r["job_id"]
-        for r in await conn.fetch(
-            "SELECT job_id FROM timescaledb_information.jobs "
-            "WHERE hypertable_name IN ('call_events', 'call_events_hourly')"
-        )
-    ]
-    await conn.execute("SELECT alter_job(j, scheduled => false) FROM unnest($1::int[]) AS j", jobs)
-    deadline = time.monotonic() + timeout_s
-    while await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM timescaledb_information.job_stats "
-        "WHERE job_id = ANY($1::int[]) AND job_status = 'Running')",
-        jobs,
-    ):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"a TimescaleDB policy job still runs after {timeout_s:.0f} s")
-        await asyncio.sleep(0.2)
 
 
 async def _refresh_aggregates(conn: asyncpg.Connection, until: datetime) -> None:
