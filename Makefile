@@ -25,6 +25,7 @@ unit: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check ingest tests
+	$(BIN)/ruff format --check ingest tests
 	$(BIN)/mypy
 
 typecheck: lint
