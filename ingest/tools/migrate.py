@@ -69,8 +69,9 @@ _SCHEDULE_JOBS = """
 SELECT alter_job(j.job_id, scheduled => $2)
 FROM timescaledb_information.jobs j WHERE j.job_id = ANY($1::int[])
 """
-# How long a migration waits for a policy run already under way (a compression of a day's
-# chunk, a refresh of the aggregate) before it gives up and changes nothing.
+# How long a migration waits for a policy run under way to stop before it gives up and
+# changes nothing. Unscheduling a job makes TimescaleDB's scheduler cancel its run (SIGINT,
+# SIGTERM after 3 s): its work rolls back, and the job's next run does it again.
 JOBS_WAIT_S: Final = 300.0
 
 _HAS_JOBS_VIEW = "SELECT to_regclass('timescaledb_information.jobs') IS NOT NULL"
@@ -145,7 +146,8 @@ async def pause_lifecycle_jobs(
     conn: asyncpg.Connection, wait_s: float = JOBS_WAIT_S, *, resume_on_timeout: bool = False
 ) -> list[int]:
     """Unschedule the scheduled policy jobs of call_events and of its aggregate, and wait
-    for a run already under way; return the jobs unscheduled (none without TimescaleDB).
+    until a run under way has stopped (TimescaleDB's scheduler cancels it); return the jobs
+    unscheduled (none without TimescaleDB).
 
     Raises ``MigrationError`` when a run goes on past ``wait_s`` (with
     ``resume_on_timeout``, after scheduling the jobs again)."""

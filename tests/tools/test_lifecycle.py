@@ -3,10 +3,12 @@ TimescaleDB; the same aggregate as a plain view on PostgreSQL; all of it undone 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
+import time
 
 import asyncpg
 import pytest
@@ -292,4 +294,51 @@ async def test_a_policy_job_the_operator_unscheduled_stays_unscheduled_after_a_m
             "policy_refresh_continuous_aggregate": True,
         }
     finally:
+        await conn.close()
+
+
+async def _refresh_run_under_way(conn: asyncpg.Connection, blocker: asyncpg.Connection) -> int:
+    """Start the aggregate's refresh policy now and keep it running: ``blocker`` holds an
+    exclusive lock on call_events (its transaction must be open) that the refresh waits for.
+    Returns the job's id once TimescaleDB reports it running."""
+    await blocker.execute("LOCK TABLE call_events IN ACCESS EXCLUSIVE MODE")
+    job = await conn.fetchval(
+        "SELECT job_id FROM timescaledb_information.jobs "
+        "WHERE proc_name = 'policy_refresh_continuous_aggregate'"
+    )
+    await conn.execute("SELECT alter_job($1, next_start => now())", job)
+    # Running, and waiting for the lock: a run begun before it (the policy's first, right
+    # after the migration) may still read as running for a moment after it ended.
+    deadline = time.monotonic() + 60
+    while not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM timescaledb_information.job_stats "
+        "               WHERE job_id = $1 AND job_status = 'Running') "
+        "AND EXISTS (SELECT 1 FROM pg_locks "
+        "            WHERE relation = 'call_events'::regclass AND NOT granted)",
+        job,
+    ):
+        assert time.monotonic() < deadline, "the refresh policy did not start within 60 s"
+        await asyncio.sleep(0.2)
+    return int(job)
+
+
+async def test_a_migration_starts_once_a_policy_run_under_way_has_stopped(
+    timescale_empty_url: str,
+) -> None:
+    conn = await asyncpg.connect(timescale_empty_url)
+    blocker = await asyncpg.connect(timescale_empty_url)
+    try:
+        await Migrator(conn, discover()).up()
+        async with blocker.transaction():
+            job = await _refresh_run_under_way(conn, blocker)
+            # Unscheduled, the run is stopped by TimescaleDB's scheduler, lock wait or not.
+            seen = (
+                "CREATE TABLE job_seen AS SELECT job_status "
+                f"FROM timescaledb_information.job_stats WHERE job_id = {job}"
+            )
+            await Migrator(conn, [*discover(), _probe(seen, "SELECT 1")]).up()
+            assert await conn.fetchval("SELECT job_status FROM job_seen") != "Running"
+            assert await _scheduled(conn) == dict.fromkeys(_DEFAULT_POLICIES, True)
+    finally:
+        await blocker.close()
         await conn.close()
