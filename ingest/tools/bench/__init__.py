@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import sys
 import time
@@ -55,7 +56,7 @@ from ingest.tools.bench.corpus import (
     unreachable,
 )
 from ingest.tools.bench.drains import drain, steady
-from ingest.tools.bench.floor import python_floor, with_floor_ratios
+from ingest.tools.bench.floor import floor_around, python_floor, with_floor_ratios
 from ingest.tools.bench.history import (
     Shape,
     compress,
@@ -261,14 +262,20 @@ async def _measure(
     for n in processes:
         _say(f"{st.name}: worker, {n} process(es)")
         st.drains.append(
-            await drain(
-                target,
+            await floor_around(
                 corpus.bootstrap,
                 corpus.topic,
                 args.events,
-                corpus.ends,
-                n,
-                args.drain_timeout,
+                functools.partial(
+                    drain,
+                    target,
+                    corpus.bootstrap,
+                    corpus.topic,
+                    args.events,
+                    corpus.ends,
+                    n,
+                    args.drain_timeout,
+                ),
             )
         )
     await clean(target)

@@ -80,7 +80,9 @@ class Drain:
     cpu_us_per_event: float
     peak_rss_mb: list[float]
     finished: bool = True
-    # CPU per event as a multiple of the run's Python floor (floor.py; 0: not measured).
+    # The Python floor measured around this drain (floor.py: the mean of a run right before
+    # it and one right after; 0: not measured), and the CPU per event as a multiple of it.
+    floor_us: float = 0.0
     cpu_x_floor: float = 0.0
 
 

@@ -10,14 +10,21 @@ same run, is what carries over.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Final
 from uuid import UUID
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ingest.tools.bench.corpus import PARTITIONS
+from ingest.tools.bench.drains import Drain
 from ingest.tools.bench.report import Result
+
+# Records read by each floor run around a drain: the floor is a per-record figure, steady
+# long before this many, and each run costs the drain's time on the same cores.
+FLOOR_RECORDS: Final = 200_000
 
 
 async def python_floor(bootstrap: str, topic: str, n: int) -> float:
@@ -57,10 +64,28 @@ def _envelope(obj: dict[str, object], timestamp_ms: int) -> tuple[UUID, UUID, da
     return UUID(str(obj["id"])), UUID(str(obj["call_id"])), at
 
 
+async def floor_around(
+    bootstrap: str, topic: str, n: int, measure: Callable[[], Awaitable[Drain]]
+) -> Drain:
+    """Run ``measure`` (a drain) between two runs of the floor, and keep their mean with it.
+
+    A shared machine's speed drifts by a third within minutes (the floor of one bench run
+    ranged from 5.9 to 9.8 us in an hour, nothing else running): a floor measured once at
+    the start of a run of several minutes would make the later drains' ratios drift with
+    it. A floor on both sides of the drain moves with the machine as the drain did."""
+    records = min(n, FLOOR_RECORDS)
+    before = await python_floor(bootstrap, topic, records)
+    d = await measure()
+    after = await python_floor(bootstrap, topic, records)
+    d.floor_us = (before + after) / 2
+    return d
+
+
 def with_floor_ratios(result: Result) -> None:
-    """Set every drain's CPU per event as a multiple of the run's floor (0: no floor)."""
-    floor = result.floor_us_per_record
+    """Set every drain's CPU per event as a multiple of its own floor, or of the run's when
+    it has none (0: no floor at all)."""
     for srv in result.servers:
         for st in srv.states:
             for d in st.drains:
+                floor = d.floor_us or result.floor_us_per_record
                 d.cpu_x_floor = d.cpu_us_per_event / floor if floor > 0 else 0.0

@@ -137,7 +137,10 @@ def _drain_row(d: Drain, st: State, empty: State | None, read_eps: float) -> lis
 
 def _cpu(d: Drain) -> str:
     us = f"{d.cpu_us_per_event:.1f} us"
-    return f"{us} = {d.cpu_x_floor:.2f} x floor" if d.cpu_x_floor > 0 else us
+    if d.cpu_x_floor <= 0:
+        return us
+    around = f" ({d.floor_us:.1f} us)" if d.floor_us > 0 else ""
+    return f"{us} = {d.cpu_x_floor:.2f} x floor{around}"
 
 
 def _first_drain(st: State, processes: int) -> float:
