@@ -45,6 +45,7 @@ _RFC3339 = re.compile(
 # matches other scripts' digits, which the CHECK may not.
 E164_PATTERN: Final = r"^\+[1-9][0-9]{1,14}$"
 INT4_MAX: Final = 2**31 - 1
+STATUS_MAX_LENGTH: Final = 50  # calls.status is VARCHAR(50)
 MAX_DURATION_S: Final = 10 * 365 * 24 * 3600.0
 
 
@@ -125,7 +126,7 @@ class TerminationFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    status: Annotated[Text, Field(min_length=1, max_length=50)] = "completed"
+    status: Annotated[Text, Field(min_length=1, max_length=STATUS_MAX_LENGTH)] = "completed"
     duration_seconds: (
         Annotated[float, Strict(), Field(ge=0, le=MAX_DURATION_S, allow_inf_nan=False)] | None
     ) = None
@@ -164,12 +165,32 @@ class CallEventMessage(BaseModel):
     from_number: PhoneNumber | None = None
     to_number: PhoneNumber | None = None
     agent_id: UuidStr | None = None
-    status: Annotated[Text, Field(min_length=1, max_length=50)] | None = None
+    status: Annotated[Text, Field(min_length=1, max_length=STATUS_MAX_LENGTH)] | None = None
     duration_seconds: Annotated[float, Field(ge=0, le=MAX_DURATION_S)] | None = None
     recording_url: Text | None = None
     transcript: Text | None = None
     sentiment_score: float | None = None
     cost_cents: Annotated[int, Field(ge=0, le=INT4_MAX)] | None = None
+
+
+class Initiation(NamedTuple):
+    """An initiation's validated call fields (``InitiationFields``' values): a named tuple,
+    since building the pydantic model cost more than all other checks of the event."""
+
+    from_number: str
+    to_number: str
+    agent_id: uuid.UUID | None = None
+
+
+class Termination(NamedTuple):
+    """A termination's validated call fields (``TerminationFields``' values)."""
+
+    status: str = "completed"
+    duration_seconds: float | None = None
+    recording_url: str | None = None
+    transcript: str | None = None
+    sentiment_score: float | None = None
+    cost_cents: int | None = None
 
 
 _ENVELOPE_KEYS: Final = frozenset({"id", "call_id", "event_type", "event_data", "created_at"})
@@ -215,8 +236,8 @@ class CallEvent(NamedTuple):
     event_data_json: str
     created_at: datetime
     ref: RecordRef
-    initiation: InitiationFields | None = None
-    termination: TerminationFields | None = None
+    initiation: Initiation | None = None
+    termination: Termination | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,13 +315,13 @@ def decode_by_model(
                 f"created_at: absent, and the record timestamp {timestamp_ms} is out of range",
             )
 
-    initiation: InitiationFields | None = None
-    termination: TerminationFields | None = None
+    initiation: Initiation | None = None
+    termination: Termination | None = None
     try:
         if env.event_type == "initiation":
-            initiation = _initiation.validate_python(_call_fields(obj, env, _INITIATION_KEYS))
+            initiation = _initiation_of(_call_fields(obj, env, _INITIATION_KEYS))
         elif env.event_type == "termination":
-            termination = _termination.validate_python(_call_fields(obj, env, _TERMINATION_KEYS))
+            termination = _termination_of(_call_fields(obj, env, _TERMINATION_KEYS))
     except ValidationError as exc:
         return Rejection(INVALID_EVENT, _first_error(exc))
 
@@ -314,6 +335,73 @@ def decode_by_model(
         initiation=initiation,
         termination=termination,
     )
+
+
+def _initiation_of(fields: dict[str, Any]) -> Initiation:
+    m = _initiation.validate_python(fields)
+    return Initiation(m.from_number, m.to_number, m.agent_id)
+
+
+def _termination_of(fields: dict[str, Any]) -> Termination:
+    m = _termination.validate_python(fields)
+    return Termination(
+        m.status,
+        m.duration_seconds,
+        m.recording_url,
+        m.transcript,
+        m.sentiment_score,
+        m.cost_cents,
+    )
+
+
+# E164_PATTERN for re.fullmatch: with "$", Python's re also matches before a final newline.
+_E164_FULL: Final = re.compile(E164_PATTERN.removeprefix("^").removesuffix("$"))
+
+
+def _plain_initiation(data: dict[str, Any]) -> Initiation | None:
+    """An initiation's call fields in their plain form (E.164 strings, no agent or a
+    canonical UUID), checked without the model; None for anything else (the model then
+    decides). Only for fields that all stand in ``event_data``."""
+    frm, to, agent = data.get("from_number"), data.get("to_number"), data.get("agent_id")
+    if (
+        type(frm) is not str
+        or type(to) is not str
+        or _E164_FULL.fullmatch(frm) is None
+        or _E164_FULL.fullmatch(to) is None
+    ):
+        return None
+    if agent is None:
+        return Initiation(frm, to, None)
+    aid = _canonical_uuid(agent) if type(agent) is str else None
+    return Initiation(frm, to, aid) if aid is not None else None
+
+
+def _plain_termination(data: dict[str, Any]) -> Termination | None:
+    """A termination's call fields in their plain form (strings, JSON floats, an int), each
+    within the model's bounds, checked without the model; None for anything else."""
+    status = data.get("status", "completed")
+    duration, url, transcript = (
+        data.get("duration_seconds"),
+        data.get("recording_url"),
+        data.get("transcript"),
+    )
+    sentiment, cost = data.get("sentiment_score"), data.get("cost_cents")
+    if (
+        type(status) is not str
+        or not 1 <= len(status) <= STATUS_MAX_LENGTH
+        or (
+            duration is not None
+            and (type(duration) is not float or not 0 <= duration <= MAX_DURATION_S)
+        )
+        or (url is not None and type(url) is not str)
+        or (transcript is not None and type(transcript) is not str)
+        or (
+            sentiment is not None and (type(sentiment) is not float or not math.isfinite(sentiment))
+        )
+        or (cost is not None and (type(cost) is not int or not 0 <= cost <= INT4_MAX))
+    ):
+        return None
+    return Termination(status, duration, url, transcript, sentiment, cost)
 
 
 def _call_fields(obj: dict[str, Any], env: _Envelope, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -373,16 +461,15 @@ def _decode_plain(obj: dict[str, Any], value: bytes, ref: RecordRef) -> CallEven
         return None
     try:
         created_at = _plain_timestamp(created) or _parse_timestamp(created)
-        initiation = (
-            _initiation.validate_python(_merged_fields(obj, data, _INITIATION_KEYS))
-            if event_type == "initiation"
-            else None
-        )
-        termination = (
-            _termination.validate_python(_merged_fields(obj, data, _TERMINATION_KEYS))
-            if event_type == "termination"
-            else None
-        )
+        initiation = termination = None
+        if event_type == "initiation":
+            initiation = (
+                _plain_initiation(data) if obj.keys().isdisjoint(_INITIATION_KEYS) else None
+            ) or _initiation_of(_merged_fields(obj, data, _INITIATION_KEYS))
+        elif event_type == "termination":
+            termination = (
+                _plain_termination(data) if obj.keys().isdisjoint(_TERMINATION_KEYS) else None
+            ) or _termination_of(_merged_fields(obj, data, _TERMINATION_KEYS))
     except (ValueError, ValidationError):
         return None
     return CallEvent(

@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.pipeline.contract import (
+    INT4_MAX,
+    MAX_DURATION_S,
     CallEvent,
     RecordRef,
     decode,
@@ -149,3 +151,59 @@ def test_a_plain_event_decodes_to_the_same_values_as_the_model() -> None:
     assert fast == decode_by_model(obj, value, REF, None)
     assert fast.id == uuid.UUID(U)
     assert hash(fast.id) == hash(uuid.UUID(U))
+
+
+# Per call field: values the model accepts, and values at or past its bounds or of another
+# type, so that most drawn events reach the plain checks and each bound is met often.
+_BAD = [None, True, 0, 1.5, "", [], {}]
+CALL_FIELD_VALUES: dict[str, tuple[list[Any], list[Any]]] = {
+    "from_number": (
+        ["+15550001", "+123456789012345", "+12"],
+        ["+1", "+1234567890123456", "+05550001", "+15550001\n", " +15550001", "+1555\u0663"],
+    ),
+    "to_number": (["+15550002"], ["15550002", "+15550002\n"]),
+    "agent_id": ([U, U.upper(), None], ["{" + U + "}", U.replace("-", ""), "urn:uuid:" + U]),
+    "status": (["completed", "x" * 50, "y"], ["x" * 51]),
+    "duration_seconds": (
+        [0.0, -0.0, 1.5, MAX_DURATION_S, None],
+        [-0.5, -1.5, MAX_DURATION_S * 1.0000001, 1e308, 0, 60, False],
+    ),
+    "recording_url": (["https://r.example/1.wav", None], [1]),
+    "transcript": (["hello", None], [1.0]),
+    "sentiment_score": ([-0.5, 0.0, 0.75, None], [0, 1, 1e308]),
+    "cost_cents": ([0, 197, INT4_MAX, None], [-1, INT4_MAX + 1, 2**64 - 1, 1.0, True]),
+}
+
+
+@st.composite
+def call_fields_near_bounds(draw: st.DrawFn) -> dict[str, Any]:
+    """Each call field absent, valid, or at or past a bound (a third of the time each)."""
+    fields: dict[str, Any] = {}
+    for key, (good, bad) in CALL_FIELD_VALUES.items():
+        kind = draw(st.sampled_from(["absent", "good", "bad"]))
+        if kind != "absent":
+            fields[key] = draw(st.sampled_from(good if kind == "good" else bad + _BAD))
+    return fields
+
+
+@st.composite
+def plain_call_events(draw: st.DrawFn) -> dict[str, Any]:
+    """Events whose envelope is plain, so that only their call fields decide the path;
+    now and then a call field at the top level as well."""
+    obj: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "call_id": U,
+        "event_type": draw(st.sampled_from(["initiation", "termination"])),
+        "event_data": {**draw(call_fields_near_bounds()), "note": "kept"},
+        "created_at": "2026-03-01T12:00:00.123456+00:00",
+    }
+    if draw(st.integers(0, 3)) == 0:
+        obj.update(draw(call_fields_near_bounds()))
+    return obj
+
+
+@settings(max_examples=2000, deadline=None)
+@given(plain_call_events())
+def test_decode_agrees_with_the_models_on_any_call_fields(obj: dict[str, Any]) -> None:
+    value = orjson.dumps(obj)
+    assert decode(value, REF, None) == decode_by_model(orjson.loads(value), value, REF, None)
