@@ -142,15 +142,13 @@ class Status:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
 
-async def pause_lifecycle_jobs(
-    conn: asyncpg.Connection, wait_s: float = JOBS_WAIT_S, *, resume_on_timeout: bool = False
-) -> list[int]:
+async def pause_lifecycle_jobs(conn: asyncpg.Connection, wait_s: float = JOBS_WAIT_S) -> list[int]:
     """Unschedule the scheduled policy jobs of call_events and of its aggregate, and wait
     until a run under way has stopped (TimescaleDB's scheduler cancels it); return the jobs
     unscheduled (none without TimescaleDB).
 
-    Raises ``MigrationError`` when a run goes on past ``wait_s`` (with
-    ``resume_on_timeout``, after scheduling the jobs again)."""
+    Raises ``MigrationError`` when a run goes on past ``wait_s``, after scheduling the jobs
+    again: then nothing was changed."""
     if not await conn.fetchval(_HAS_JOBS_VIEW):
         return []
     jobs = [r["job_id"] for r in await conn.fetch(_LIFECYCLE_JOBS)]
@@ -160,8 +158,7 @@ async def pause_lifecycle_jobs(
     deadline = time.monotonic() + wait_s
     while await conn.fetchval(_RUNNING_JOBS, jobs):
         if time.monotonic() > deadline:
-            if resume_on_timeout:
-                await conn.execute(_SCHEDULE_JOBS, jobs, True)
+            await conn.execute(_SCHEDULE_JOBS, jobs, True)
             raise MigrationError(
                 f"a TimescaleDB policy job on call_events still runs after {wait_s:.0f} s; "
                 "nothing was changed, try again later"
@@ -219,10 +216,8 @@ class Migrator:
         *,
         compress_after: str = "7 days",
         retention: str = "off",
-        jobs_wait_s: float = JOBS_WAIT_S,
     ) -> None:
         self._conn = conn
-        self._jobs_wait_s = jobs_wait_s
         self._migrations = migrations
         self._chunk_interval = chunk_interval
         self._readonly_password = readonly_password
@@ -250,7 +245,7 @@ class Migrator:
         fails it ("tuple concurrently updated"). Afterwards the jobs that still exist are
         scheduled again, whether the migrations succeeded or not (those a down removed are
         gone); a job that was unscheduled before stays so."""
-        jobs = await pause_lifecycle_jobs(self._conn, self._jobs_wait_s, resume_on_timeout=True)
+        jobs = await pause_lifecycle_jobs(self._conn)
         try:
             yield
         finally:
