@@ -18,9 +18,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from ingest.service.settings import redact_url
-from ingest.tools.bench.history import remove_corpus
+from ingest.tools.bench.history import migrate_without_policy_runs, remove_corpus
 from ingest.tools.devbroker import fresh_local_database
-from ingest.tools.migrate import Migrator, discover, pause_lifecycle_jobs
 from ingest.tools.produce import interleave
 
 PARTITIONS = 4
@@ -53,11 +52,7 @@ async def bench_database(url: str | None, server_url: str) -> tuple[str, bool]:
         url = await fresh_local_database(f"ingest_bench_{os.getpid()}", server_url)
     conn = await asyncpg.connect(url)
     try:
-        await Migrator(conn, discover()).up()
-        # The bench compresses exactly the chunks it means to and refreshes the aggregate
-        # itself: a policy run against today's clock would compress (or drop) history, and
-        # the corpus, in the middle of a drain, and fail the bench's own refresh.
-        await pause_lifecycle_jobs(conn)
+        await migrate_without_policy_runs(conn)
     finally:
         await conn.close()
     return url, created

@@ -212,11 +212,7 @@ async def _marker(url: str, shape: Shape) -> tuple[int, int, float] | None:
 async def _generate(url: str, shape: Shape, say: Callable[[str], None]) -> History:
     conn = await asyncpg.connect(url)
     try:
-        await Migrator(conn, discover()).up()
-        # The bench compresses exactly the chunks it means to and refreshes the aggregate
-        # itself: a policy run against today's clock would compress (or drop) history, and
-        # the corpus, in the middle of a drain, and fail the bench's own refresh.
-        await pause_lifecycle_jobs(conn)
+        await migrate_without_policy_runs(conn)
         first_day = shape.ends_at - timedelta(days=shape.days)
         say(f"history: generating {shape.days} days x {shape.calls_per_day:,} calls")
         started = time.perf_counter()
@@ -274,6 +270,15 @@ async def is_hypertable(url: str) -> bool:
         )
     finally:
         await conn.close()
+
+
+async def migrate_without_policy_runs(conn: asyncpg.Connection) -> None:
+    """Apply the migrations and keep the lifecycle policies from running: the bench
+    compresses exactly the chunks it means to and refreshes the aggregate itself, and a
+    policy run against today's clock would compress (or drop) history, and the corpus, in
+    the middle of a drain, and fail the bench's own refresh."""
+    await Migrator(conn, discover()).up()
+    await pause_lifecycle_jobs(conn)
 
 
 async def _refresh_aggregates(conn: asyncpg.Connection, until: datetime) -> None:
