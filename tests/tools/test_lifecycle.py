@@ -29,22 +29,18 @@ async def _jobs(conn: asyncpg.Connection) -> dict[str, str]:
     return {r["proc_name"]: r["config"] for r in await conn.fetch(_JOBS)}
 
 
-async def _scheduled(conn: asyncpg.Connection) -> dict[str, bool]:
-    return {
-        r["proc_name"]: r["scheduled"]
-        for r in await conn.fetch(
-            "SELECT proc_name, scheduled FROM timescaledb_information.jobs "
-            "WHERE hypertable_name IN ('call_events', 'call_events_hourly')"
-        )
-    }
-
-
-# Records, from inside a migration's transaction, whether each policy job was scheduled.
-_SEE_JOBS = """
-CREATE TABLE jobs_seen AS
+_SCHEDULED = """
 SELECT proc_name, scheduled FROM timescaledb_information.jobs
 WHERE hypertable_name IN ('call_events', 'call_events_hourly')
 """
+# Records, from inside a migration's transaction, whether each policy job was scheduled.
+_SEE_JOBS = f"CREATE TABLE jobs_seen AS {_SCHEDULED}"
+_SEEN = "TABLE jobs_seen"
+
+
+async def _scheduled(conn: asyncpg.Connection, query: str = _SCHEDULED) -> dict[str, bool]:
+    """Whether each policy job is scheduled (``_SEEN``: was, inside the probe migration)."""
+    return {r["proc_name"]: r["scheduled"] for r in await conn.fetch(query)}
 
 
 # The jobs of the default settings (retention is off).
@@ -243,8 +239,7 @@ async def test_a_migration_runs_with_the_policy_jobs_unscheduled_and_they_run_ag
     try:
         await Migrator(conn, discover()).up()
         await Migrator(conn, [*discover(), _probe(_SEE_JOBS, "DROP TABLE jobs_seen")]).up()
-        seen = {r["proc_name"]: r["scheduled"] for r in await conn.fetch("TABLE jobs_seen")}
-        assert seen == dict.fromkeys(_DEFAULT_POLICIES, False)
+        assert await _scheduled(conn, _SEEN) == dict.fromkeys(_DEFAULT_POLICIES, False)
         assert await _scheduled(conn) == dict.fromkeys(_DEFAULT_POLICIES, True)
     finally:
         await conn.close()
@@ -258,8 +253,7 @@ async def test_a_down_migration_runs_with_the_policy_jobs_unscheduled(
         migrations = [*discover(), _probe("SELECT 1", _SEE_JOBS)]
         await Migrator(conn, migrations).up()
         await Migrator(conn, migrations).down(steps=1)
-        seen = {r["proc_name"]: r["scheduled"] for r in await conn.fetch("TABLE jobs_seen")}
-        assert seen == dict.fromkeys(_DEFAULT_POLICIES, False)
+        assert await _scheduled(conn, _SEEN) == dict.fromkeys(_DEFAULT_POLICIES, False)
         assert await _scheduled(conn) == dict.fromkeys(_DEFAULT_POLICIES, True)
     finally:
         await conn.close()
