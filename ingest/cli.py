@@ -331,6 +331,8 @@ def _lifecycle_lines(st: Status) -> list[str]:
         else:
             kind = "view"
         lines.append(f"aggregate: {a.name} ({kind})")
+    if life.scheduler is not None:
+        lines.append(life.scheduler.describe())
     return lines
 
 

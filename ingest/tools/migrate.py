@@ -76,6 +76,24 @@ JOBS_WAIT_S: Final = 300.0
 
 _HAS_JOBS_VIEW = "SELECT to_regclass('timescaledb_information.jobs') IS NOT NULL"
 
+# TimescaleDB runs a database's policy jobs from a scheduler of its own, a background
+# worker, and each run in one more. Background workers come from one pool of the server
+# (max_worker_processes: every database's scheduler, job runs, parallel queries, logical
+# replication): with the pool used up, a database gets no scheduler, and its compression,
+# retention and refreshes silently never run. What counts against the pool is every process
+# but the client backends and the server's own auxiliary processes.
+_SCHEDULER = """
+SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+               WHERE datname = current_database()
+                 AND backend_type = 'TimescaleDB Background Worker Scheduler') AS running,
+       (SELECT count(*) FROM pg_stat_activity
+        WHERE backend_type NOT IN ('client backend', 'autovacuum launcher',
+                                   'autovacuum worker', 'background writer', 'checkpointer',
+                                   'walwriter', 'archiver', 'startup', 'walreceiver',
+                                   'walsender', 'standalone backend')) AS workers_in_use,
+       current_setting('max_worker_processes')::int AS max_workers
+"""
+
 _CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS ingest_schema_migrations (
     version TEXT PRIMARY KEY,
@@ -122,6 +140,34 @@ class Aggregate:
 
 
 @dataclass(frozen=True, slots=True)
+class JobScheduler:
+    """Whether TimescaleDB's job scheduler runs for this database, and the server's pool of
+    background workers it (and each job run) needs a place in."""
+
+    running: bool
+    workers_in_use: int
+    max_workers: int
+
+    def describe(self) -> str:
+        """One line for ``migrate status``."""
+        pool = f"background workers {self.workers_in_use} of {self.max_workers} in use"
+        if self.running:
+            return f"policy jobs: TimescaleDB's scheduler runs for this database ({pool})"
+        return (
+            "policy jobs: NOT RUNNING: TimescaleDB runs no scheduler for this database "
+            f"({pool}); compression, retention and refreshes wait until one starts: raise "
+            "max_worker_processes (and timescaledb.max_background_workers) or free workers"
+        )
+
+
+async def job_scheduler(conn: asyncpg.Connection) -> JobScheduler:
+    """The state of TimescaleDB's job scheduler for the database of ``conn``."""
+    row = await conn.fetchrow(_SCHEDULER)
+    assert row is not None
+    return JobScheduler(bool(row["running"]), int(row["workers_in_use"]), int(row["max_workers"]))
+
+
+@dataclass(frozen=True, slots=True)
 class Lifecycle:
     """The data lifecycle of call_events as configured in the database (see 0004)."""
 
@@ -130,6 +176,8 @@ class Lifecycle:
     chunks: int = 0
     compressed_chunks: int = 0
     aggregates: list[Aggregate] = field(default_factory=list)
+    # None on plain PostgreSQL.
+    scheduler: JobScheduler | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,6 +413,7 @@ class Migrator:
                 Aggregate(a["view_name"], True, bool(a["real_time"]), a["every"])
                 for a in aggregates
             ],
+            scheduler=await job_scheduler(self._conn),
         )
 
     async def _views(self) -> Lifecycle:

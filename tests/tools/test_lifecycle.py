@@ -13,7 +13,13 @@ import time
 import asyncpg
 import pytest
 
-from ingest.tools.migrate import Migration, Migrator, discover, pause_lifecycle_jobs
+from ingest.tools.migrate import (
+    Migration,
+    Migrator,
+    discover,
+    job_scheduler,
+    pause_lifecycle_jobs,
+)
 
 LIFECYCLE = "0004"
 # Reverting the lifecycle reverts what came after it too, newest first.
@@ -203,6 +209,37 @@ def test_cli_status_shows_the_lifecycle(timescale_url: str) -> None:
         "aggregate: call_events_hourly (continuous aggregate, refreshed every 00:15:00, "
         "real-time)" in out
     )
+    assert re.search(r"^policy jobs: .*\(background workers \d+ of \d+ in use", out, re.M), out
+
+
+async def test_status_says_when_no_scheduler_runs_the_policy_jobs(
+    timescale_empty_url: str,
+) -> None:
+    conn = await asyncpg.connect(timescale_empty_url)
+    try:
+        await Migrator(conn, discover()).up()
+        # What a database gets when the server's background workers are all taken.
+        await conn.execute("SELECT _timescaledb_functions.stop_background_workers()")
+        scheduler = (await Migrator(conn, discover()).status()).lifecycle.scheduler
+        assert scheduler is not None
+        assert not scheduler.running
+        assert scheduler.describe().startswith("policy jobs: NOT RUNNING")
+    finally:
+        await conn.close()
+
+
+async def test_status_says_when_the_scheduler_runs_the_policy_jobs(
+    timescale_empty_url: str,
+) -> None:
+    conn = await asyncpg.connect(timescale_empty_url)
+    try:
+        await Migrator(conn, discover()).up()
+        await _scheduler_with_a_worker_free(conn)
+        scheduler = (await Migrator(conn, discover()).status()).lifecycle.scheduler
+        assert scheduler is not None
+        assert scheduler.running
+    finally:
+        await conn.close()
 
 
 async def test_on_plain_postgresql_the_hourly_aggregate_is_a_view_down_removes(
@@ -291,6 +328,18 @@ async def test_a_policy_job_the_operator_unscheduled_stays_unscheduled_after_a_m
         await conn.close()
 
 
+async def _scheduler_with_a_worker_free(conn: asyncpg.Connection, wait_s: float = 30) -> None:
+    """Wait until TimescaleDB's scheduler runs for this database with a background worker
+    free for a job run; skip the test, saying why, when the server has none to give (its
+    pool, max_worker_processes, taken by other databases' schedulers: each database with the
+    extension keeps one, and a new database gets none until one is free)."""
+    deadline = time.monotonic() + wait_s
+    while not (s := await job_scheduler(conn)).running or s.workers_in_use >= s.max_workers:
+        if time.monotonic() > deadline:
+            pytest.skip(f"the TimescaleDB server runs no jobs for a new database: {s.describe()}")
+        await asyncio.sleep(0.2)
+
+
 async def _refresh_run_under_way(conn: asyncpg.Connection, blocker: asyncpg.Connection) -> int:
     """Start the aggregate's refresh policy now and keep it running: ``blocker`` holds an
     exclusive lock on call_events (its transaction must be open) that the refresh waits for.
@@ -323,6 +372,7 @@ async def test_a_migration_starts_once_a_policy_run_under_way_has_stopped(
     blocker = await asyncpg.connect(timescale_empty_url)
     try:
         await Migrator(conn, discover()).up()
+        await _scheduler_with_a_worker_free(conn)
         async with blocker.transaction():
             job = await _refresh_run_under_way(conn, blocker)
             # Unscheduled, the run is stopped by TimescaleDB's scheduler, lock wait or not.
