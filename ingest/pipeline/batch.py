@@ -7,16 +7,15 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ingest.pipeline.contract import RecordRef, decode
+from ingest.pipeline.contract import RecordRef, decode, new_tuple
 from ingest.pipeline.sink import Item
 
 
 def to_item(record: Any) -> Item:
     """Decode one aiokafka ``ConsumerRecord`` into an ``Item``."""
-    ref = RecordRef(record.topic, record.partition, record.offset)
-    return Item(
-        ref, record.key, record.value, decode(record.value, ref, record.timestamp), record.timestamp
-    )
+    ref = new_tuple(RecordRef, (record.topic, record.partition, record.offset))
+    value, timestamp = record.value, record.timestamp
+    return new_tuple(Item, (ref, record.key, value, decode(value, ref, timestamp), timestamp))
 
 
 class BatchBuilder:

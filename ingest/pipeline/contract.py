@@ -240,6 +240,13 @@ class CallEvent(NamedTuple):
     termination: Termination | None = None
 
 
+# A named tuple's constructor is a Python function (its generated ``__new__``): the plain
+# path builds its tuples with ``tuple.__new__`` instead, every field given in order (300 ->
+# 130 ns for a RecordRef; one CallEvent and one RecordRef per record, more for initiations
+# and terminations).
+new_tuple: Final = tuple.__new__
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """Why a record cannot be stored: a short reason code and the first error, readable."""
@@ -371,9 +378,9 @@ def _plain_initiation(data: dict[str, Any]) -> Initiation | None:
     ):
         return None
     if agent is None:
-        return Initiation(frm, to, None)
+        return new_tuple(Initiation, (frm, to, None))
     aid = _canonical_uuid(agent) if type(agent) is str else None
-    return Initiation(frm, to, aid) if aid is not None else None
+    return new_tuple(Initiation, (frm, to, aid)) if aid is not None else None
 
 
 def _plain_termination(data: dict[str, Any]) -> Termination | None:
@@ -401,7 +408,7 @@ def _plain_termination(data: dict[str, Any]) -> Termination | None:
         or (cost is not None and (type(cost) is not int or not 0 <= cost <= INT4_MAX))
     ):
         return None
-    return Termination(status, duration, url, transcript, sentiment, cost)
+    return new_tuple(Termination, (status, duration, url, transcript, sentiment, cost))
 
 
 def _call_fields(obj: dict[str, Any], env: _Envelope, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -472,15 +479,18 @@ def _decode_plain(obj: dict[str, Any], value: bytes, ref: RecordRef) -> CallEven
             ) or _termination_of(_merged_fields(obj, data, _TERMINATION_KEYS))
     except (ValueError, ValidationError):
         return None
-    return CallEvent(
-        eid,
-        cid,
-        event_type,
-        orjson.dumps(data).decode(),
-        created_at,
-        ref,
-        initiation,
-        termination,
+    return new_tuple(
+        CallEvent,
+        (
+            eid,
+            cid,
+            event_type,
+            orjson.dumps(data).decode(),
+            created_at,
+            ref,
+            initiation,
+            termination,
+        ),
     )
 
 
