@@ -208,6 +208,8 @@ def _drains_are_whole(state: Any) -> None:
         assert d["eps"] > 0
         assert d["cpu_us_per_event"] > 0
         assert all(rss > 0 for rss in d["peak_rss_mb"])
+        # The mean of the ceiling runs on either side of it: at most the fastest of them.
+        assert 0 < d["ceiling_eps"] <= state["ceiling_eps"]
 
 
 async def test_bench_measures_postgresql_empty_and_with_history(bench: Any) -> None:

@@ -9,7 +9,9 @@ measured side by side in one run on the same broker, on PostgreSQL and on Timesc
    (the same outcome with the minimal database work: rows prepared in memory; per batch, in
    one transaction: COPY the new calls, COPY the events, one set-based UPDATE of the
    terminated calls), the worker draining the backlog from a fresh group with one and two
-   processes (first commit to zero lag; CPU per event and peak RSS of its processes);
+   processes (first commit to zero lag; CPU per event and peak RSS of its processes); one
+   more ceiling run follows each drain, and each drain is set against the mean of the
+   ceiling runs on either side of it, as against the floor measured around it;
 3. with --history-days N, the same on a database holding N days of history before the
    corpus (generated server-side, kept between runs): the shipped queries
    (schema/queries/*.sql, median of several runs), the ceiling, one worker; on TimescaleDB
@@ -255,29 +257,41 @@ async def _measure(
         files = query_files(args.queries)
         _say(f"{st.name}: {len(files)} query file(s) x {args.query_runs} runs")
         st.queries = await time_queries(target.url, args.queries, args.query_runs)
-    _say(f"{st.name}: database ceiling, best of {args.ceiling_runs}")
-    for _ in range(args.ceiling_runs):
+
+    async def ceiling() -> float:
         eps = await database_ceiling(target, args.events, args.seed, args.batch)
         st.ceiling_eps = max(st.ceiling_eps, eps)
+        return eps
+
+    _say(f"{st.name}: database ceiling, best of {args.ceiling_runs}")
+    before = 0.0
+    for _ in range(args.ceiling_runs):
+        before = await ceiling()
     for n in processes:
         _say(f"{st.name}: worker, {n} process(es)")
-        st.drains.append(
-            await floor_around(
+        d = await floor_around(
+            corpus.bootstrap,
+            corpus.topic,
+            args.events,
+            functools.partial(
+                drain,
+                target,
                 corpus.bootstrap,
                 corpus.topic,
                 args.events,
-                functools.partial(
-                    drain,
-                    target,
-                    corpus.bootstrap,
-                    corpus.topic,
-                    args.events,
-                    corpus.ends,
-                    n,
-                    args.drain_timeout,
-                ),
-            )
+                corpus.ends,
+                n,
+                args.drain_timeout,
+            ),
         )
+        # A ceiling run on each side of every drain, as for the floor: the machine's speed
+        # drifts by a third within minutes, so a drain is set against the ceiling of its
+        # own minutes, not only against the fastest run of the state.
+        _say(f"{st.name}: database ceiling after the drain")
+        after = await ceiling()
+        d.ceiling_eps = (before + after) / 2
+        before = after
+        st.drains.append(d)
     await clean(target)
 
 
@@ -352,7 +366,8 @@ def parser() -> argparse.ArgumentParser:
         "--ceiling-runs",
         type=_at_least_one,
         default=2,
-        help="runs of each database ceiling; the fastest is the ceiling (default 2)",
+        help="runs of each database ceiling before the drains, one more after each drain; "
+        "a drain is set against the runs on either side of it (default 2)",
     )
     p.add_argument(
         "--drain-timeout",

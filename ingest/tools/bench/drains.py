@@ -104,6 +104,9 @@ class Drain:
     # it and one right after; 0: not measured), and the CPU per event as a multiple of it.
     floor_us: float = 0.0
     cpu_x_floor: float = 0.0
+    # The same-work database ceiling around this drain: the mean of the ceiling run right
+    # before it and the one right after (0: not measured).
+    ceiling_eps: float = 0.0
 
 
 async def drain(

@@ -120,6 +120,11 @@ def _drain_row(d: Drain, st: State, empty: State | None, read_eps: float) -> lis
     label = f"worker, {d.processes} process{'es' if d.processes > 1 else ''}"
     rate = f"{d.eps:,.0f} ev/s" + ("" if d.finished else " (cut short)")
     notes = [f"{_ratio(d.eps, st.ceiling_eps)} x db ceiling"]
+    if d.ceiling_eps > 0:
+        notes = [
+            f"{_ratio(d.eps, d.ceiling_eps)} x db ceiling around it "
+            f"({d.ceiling_eps:,.0f} ev/s), {_ratio(d.eps, st.ceiling_eps)} x the best"
+        ]
     if empty is not None and empty is not st:
         notes.append(f"{_ratio(d.eps, _first_drain(empty, d.processes))} x empty")
     elif d.processes == 1:
@@ -172,7 +177,7 @@ def _server_rows(srv: Server, read_eps: float) -> list[Row]:
             (
                 "    database ceiling",
                 f"{st.ceiling_eps:,.0f} ev/s",
-                "same-work, other ids, best run",
+                "same-work, other ids, best of the runs before and after the drains",
             )
         )
         for d in st.drains:
