@@ -112,6 +112,58 @@ async def test_every_session_carries_the_limits_and_keepalives_on_both_of_its_en
     assert on_socket == wanted.socket_options()
 
 
+# Offsets, microseconds, both sides of 2000-01-01 (PostgreSQL's epoch), the range's ends.
+WIRE_TIMES = [
+    "2026-06-01T09:00:00.123456+00:00",
+    "2026-06-01T11:00:00.000001+02:00",
+    "2026-06-01T04:29:59.999999-04:30",
+    "1999-12-31T23:59:59.999999+00:00",
+    "2000-01-01T00:00:00+00:00",
+    "0001-01-01T00:00:00+00:00",
+    "9999-12-31T23:59:59.999999+00:00",
+]
+
+
+async def test_worker_sessions_send_and_read_timestamps_as_postgresql_parses_them(
+    database_url: str,
+) -> None:
+    async with worker_pool(database_url) as pool, pool.acquire() as conn:
+        for text in WIRE_TIMES:
+            value = datetime.fromisoformat(text)
+            same, back = await conn.fetchrow(
+                "SELECT $1::timestamptz = $2::text::timestamptz, $2::text::timestamptz",
+                value,
+                text,
+            )
+            assert same, text
+            assert back == value, text
+            assert back.tzinfo is UTC, text
+        arrays = await conn.fetchval(
+            "SELECT array_agg(t) FROM unnest($1::timestamptz[]) AS t",
+            [datetime.fromisoformat(t) for t in WIRE_TIMES],
+        )
+        assert arrays == [datetime.fromisoformat(t) for t in WIRE_TIMES]
+
+
+async def test_worker_sessions_read_the_infinities_as_asyncpg_does(database_url: str) -> None:
+    query = "SELECT 'infinity'::timestamptz, '-infinity'::timestamptz"
+    plain = await asyncpg.connect(database_url)
+    try:
+        expected = tuple(await plain.fetchrow(query))
+    finally:
+        await plain.close()
+    async with worker_pool(database_url) as pool, pool.acquire() as conn:
+        assert tuple(await conn.fetchrow(query)) == expected
+
+
+async def test_worker_sessions_refuse_a_naive_timestamp_rather_than_guess_its_zone(
+    database_url: str,
+) -> None:
+    async with worker_pool(database_url) as pool, pool.acquire() as conn:
+        with pytest.raises(asyncpg.DataError, match="offset-naive"):
+            await conn.fetchval("SELECT $1::timestamptz", datetime(2026, 6, 1, 9, 0))
+
+
 async def test_a_wait_for_the_positions_lock_past_the_lock_timeout_fails_as_transient(
     db: asyncpg.Pool, database_url: str
 ) -> None:

@@ -4,10 +4,16 @@ both ends, so that a session whose client or network vanished cannot hold the pi
 from __future__ import annotations
 
 import socket
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from ingest.pipeline.sessions import APPLICATION_NAME, SessionLimits
+from ingest.pipeline.sessions import (
+    APPLICATION_NAME,
+    SessionLimits,
+    timestamptz_from_wire,
+    timestamptz_to_wire,
+)
 from ingest.service.settings import Settings
 
 
@@ -66,3 +72,35 @@ def test_the_client_socket_keeps_alive_with_the_same_timing() -> None:
         (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 5),
         (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 40_000),
     ]
+
+
+def test_a_timestamp_goes_to_the_wire_as_microseconds_since_2000_utc() -> None:
+    plus_two = timezone(timedelta(hours=2))
+    assert timestamptz_to_wire(datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=UTC)) == (1,)
+    assert timestamptz_to_wire(datetime(2000, 1, 1, 2, 0, tzinfo=plus_two)) == (0,)
+    assert timestamptz_to_wire(datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)) == (-1,)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 6, 1, 9, 0, 0, 123_456, tzinfo=UTC),
+        datetime(2026, 6, 1, 11, 0, 0, 1, tzinfo=timezone(timedelta(hours=2))),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    ],
+)
+def test_a_timestamp_comes_back_from_the_wire_as_the_same_instant_in_utc(value: datetime) -> None:
+    back = timestamptz_from_wire(timestamptz_to_wire(value))
+    assert back == value
+    assert back.tzinfo is UTC
+
+
+def test_a_naive_timestamp_is_refused_not_taken_as_local_time() -> None:
+    with pytest.raises(TypeError):
+        timestamptz_to_wire(datetime(2026, 6, 1, 9, 0))
+
+
+def test_the_infinities_come_back_as_asyncpg_gives_them() -> None:
+    assert timestamptz_from_wire((2**63 - 1,)) == datetime.max
+    assert timestamptz_from_wire((-(2**63),)) == datetime.min
