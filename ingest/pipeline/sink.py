@@ -812,8 +812,10 @@ def _drop_batch_repeats(
     """Drop later copies of an event within the batch (first wins): the same ``id`` with a
     ``created_at`` within ``window`` of a kept copy's (None: the same ``created_at``).
     Return the rest, and the dropped copies by the key of the copy they repeat."""
-    if len({i.decoded.id for i in events}) == len(events):  # type: ignore[union-attr]
-        return events, {}  # distinct ids: no repeats (the common case, checked cheaply)
+    # Distinct ids: no repeats (the common case, checked cheaply: by the ids' 16 bytes, since
+    # the first hash of one of asyncpg's UUIDs builds an int for it, 457 ns against 89).
+    if len({i.decoded.id.bytes for i in events}) == len(events):  # type: ignore[union-attr]
+        return events, {}
     span = window or timedelta(0)
     kept: dict[UUID, list[CallEvent]] = {}
     unique: list[Item] = []
