@@ -435,6 +435,12 @@ def _canonical_uuid(v: str) -> uuid.UUID | None:
         return None
 
 
+# A NUL can stand in JSON text only as the escape ``\u0000``, and most events hold no
+# backslash at all: the search for that byte (an int operand: memchr; 53 ns over a 257-byte
+# bench event) spares the search for the six-byte escape (511 ns).
+_BACKSLASH: Final = ord("\\")
+
+
 def _decode_plain(obj: dict[str, Any], value: bytes, ref: RecordRef) -> CallEvent | None:
     """The common case, checked without the envelope model: every envelope field present
     in its plain form (canonical UUID strings, a known event type, an object, an RFC 3339
@@ -453,7 +459,7 @@ def _decode_plain(obj: dict[str, Any], value: bytes, ref: RecordRef) -> CallEven
         or type(data) is not dict
         or type(created) is not str
         or event_type not in EVENT_TYPES
-        or b"\\u0000" in value
+        or (_BACKSLASH in value and b"\\u0000" in value)
     ):
         return None
     raw_id = obj.get("id")
