@@ -275,6 +275,22 @@ async def test_bench_measures_timescaledb_plain_and_compressed_history(bench: An
     assert c["size_after_bytes"] > 0
 
 
+async def test_bench_leaves_no_job_scheduler_running_for_its_kept_timescaledb_history(
+    bench: Any,
+) -> None:
+    _server(bench["result"], "TimescaleDB")
+    conn = await asyncpg.connect(TIMESCALEDB_URL)
+    try:
+        schedulers = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = $1 AND backend_type = 'TimescaleDB Background Worker Scheduler'",
+            f"ingest_bench_history_{HISTORY_DAYS}d_{CALLS_PER_DAY}c",
+        )
+    finally:
+        await conn.close()
+    assert schedulers == 0
+
+
 def test_query_time_of_a_run_is_the_sum_of_its_statements() -> None:
     out = "@@ingest-bench-run\nTime: 1.5 ms\nTime: 2.5 ms\n@@ingest-bench-run\nTime: 3.0 ms\n"
     assert run_times(out) == [4.0, 3.0]

@@ -180,11 +180,42 @@ async def history_database(
             history = await _generate(url, shape, say)
         history.timescaledb = await is_hypertable(url)
         await remove_corpus(url, shape.ends_at)
-        yield history
+        try:
+            yield history
+        finally:
+            if history.timescaledb:
+                await release_job_scheduler(url, say)
     finally:
         with contextlib.suppress(Exception):
             await admin.execute("SELECT pg_advisory_unlock_all()")
         await admin.close()
+
+
+async def release_job_scheduler(url: str, say: Callable[[str], None]) -> None:
+    """Stop TimescaleDB's job scheduler of the kept history database at ``url``.
+
+    Every database with the extension keeps a scheduler, a background worker, from the
+    server's one pool (``max_worker_processes``, 8 by default) for as long as it exists,
+    although the bench keeps its policy jobs unscheduled: left running, kept history
+    databases take workers that other databases' schedulers and job runs need (on a server
+    with the default pool, two of them and a test suite's databases used it up: a new
+    database got no scheduler, and its policies never ran). Stopping it needs a superuser;
+    without one the scheduler stays, and the bench says so. A server restart starts it
+    again."""
+    try:
+        conn = await asyncpg.connect(url)
+    except (OSError, asyncpg.PostgresError) as exc:
+        say(f"history: could not stop the job scheduler of the kept database: {exc}")
+        return
+    try:
+        await conn.execute("SELECT _timescaledb_functions.stop_background_workers()")
+    except asyncpg.PostgresError as exc:
+        say(
+            "history: the kept database's TimescaleDB job scheduler keeps a background "
+            f"worker ({exc}); drop the database when it is no longer needed"
+        )
+    finally:
+        await conn.close()
 
 
 async def _marker(url: str, shape: Shape) -> tuple[int, int, float] | None:
