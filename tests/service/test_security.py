@@ -12,8 +12,11 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import orjson
 import pytest
 
+from ingest.pipeline.contract import RecordRef, decode
+from ingest.pipeline.sink import Item
 from ingest.service.security import kafka_options, postgres_ssl
 from ingest.service.settings import ConfigError, Settings
 from ingest.tools.devbroker import free_port
@@ -24,6 +27,7 @@ from tests.support import (
     call_events,
     drained,
     http_get_blocking,
+    one_connection_writer,
     publish,
     record,
     worker_env,
@@ -173,6 +177,36 @@ async def test_the_worker_needs_no_more_than_ingest_writer(
         finally:
             await conn.close()
     finally:
+        await db.execute(f'DROP OWNED BY "{role}"')
+        await db.execute(f'DROP ROLE "{role}"')
+
+
+async def test_a_member_of_ingest_writer_stores_stored_repeats_where_public_has_no_temporary(
+    database_url, db, topics
+) -> None:
+    # A batch holding events stored before goes through a temporary table: hardened
+    # clusters revoke TEMPORARY from PUBLIC, and the worker's role must still have it.
+    role = f"ingest_w_{uuid.uuid4().hex[:8]}"
+    database = urlsplit(database_url).path.lstrip("/")
+    await db.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE ingest_writer')
+    await db.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+    offsets = iter(range(1_000))
+
+    def items(*events: dict[str, object]) -> list[Item]:
+        refs = [RecordRef(topics.source, 0, next(offsets)) for _ in events]
+        values = [orjson.dumps(e) for e in events]
+        return [Item(r, None, v, decode(v, r, None)) for r, v in zip(refs, values, strict=True)]
+
+    try:
+        evs = call_events(uuid.uuid4())
+        async with one_connection_writer(
+            _as_user(database_url, role), topics, dedup_window=None
+        ) as writer:
+            await writer.write(items(*evs[:2]))
+            result = await writer.write(items(*evs[1:]))
+        assert (len(result.written), result.duplicates, result.dead_letters) == (3, 1, [])
+    finally:
+        await db.execute(f'GRANT TEMPORARY ON DATABASE "{database}" TO PUBLIC')
         await db.execute(f'DROP OWNED BY "{role}"')
         await db.execute(f'DROP ROLE "{role}"')
 
