@@ -9,7 +9,9 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingest.pipeline import contract
 from ingest.pipeline.contract import (
+    CALL_IDS_KEPT,
     INT4_MAX,
     MAX_DURATION_S,
     CallEvent,
@@ -207,3 +209,28 @@ def plain_call_events(draw: st.DrawFn) -> dict[str, Any]:
 def test_decode_agrees_with_the_models_on_any_call_fields(obj: dict[str, Any]) -> None:
     value = orjson.dumps(obj)
     assert decode(value, REF, None) == decode_by_model(orjson.loads(value), value, REF, None)
+
+
+def _plain(call_id: str, event_type: str) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "call_id": call_id,
+        "event_type": event_type,
+        "event_data": {},
+        "created_at": "2026-03-01T12:00:00Z",
+    }
+
+
+def test_the_events_of_one_call_share_one_call_id_object() -> None:
+    cid = str(uuid.uuid4())
+    a, b = (decode(orjson.dumps(_plain(cid, t)), REF, 0) for t in ("answer", "transcription"))
+    assert isinstance(a, CallEvent)
+    assert isinstance(b, CallEvent)
+    assert a.call_id is b.call_id
+    assert a.call_id == uuid.UUID(cid)
+
+
+def test_the_call_ids_kept_for_sharing_are_bounded() -> None:
+    for _ in range(CALL_IDS_KEPT + 10):
+        decode(orjson.dumps(_plain(str(uuid.uuid4()), "answer")), REF, 0)
+    assert contract._call_uuid.cache_info().currsize == CALL_IDS_KEPT
