@@ -26,6 +26,7 @@ Only after that commit may the Kafka offsets move on.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import math
 import time
@@ -205,6 +206,55 @@ SELECT EXISTS (
     WHERE hypertable_name = 'call_events' AND hypertable_schema = current_schema()
 )
 """
+# The time ranges of call_events' chunks (TimescaleDB), for ``ChunkRanges``.
+_CHUNK_RANGES = """
+SELECT range_start, range_end FROM timescaledb_information.chunks
+WHERE hypertable_name = 'call_events' AND hypertable_schema = current_schema()
+ORDER BY range_start
+"""
+# Taken first, before the batch writes ``calls``, by a batch that may create a chunk.
+# TimescaleDB creates a chunk inside the inserting transaction: it locks the hypertable
+# (SHARE UPDATE EXCLUSIVE) and then, to give the chunk the foreign key to ``calls``, takes
+# SHARE ROW EXCLUSIVE on ``calls``, which waits for every transaction that has written
+# ``calls`` (ROW EXCLUSIVE). A concurrent batch that has written ``calls`` and then inserts
+# into the same new chunk waits for the hypertable lock: a deadlock, every time two writers
+# (two lanes, two replicas) begin a new chunk together (20 of 20 new days with two
+# writers). Holding the ``calls`` lock before writing ``calls`` breaks the cycle: a creator
+# then waits only for batches that do not wait for it.
+_LOCK_CALLS_FOR_A_NEW_CHUNK = "LOCK TABLE calls IN SHARE ROW EXCLUSIVE MODE"
+
+
+class ChunkRanges:
+    """The ``[start, end)`` time ranges of the hypertable's chunks that this writer knows of
+    (read from the server when a batch falls outside them)."""
+
+    def __init__(self, ranges: Sequence[tuple[datetime, datetime]] = ()) -> None:
+        self._starts = [r[0] for r in ranges]
+        self._ends = [r[1] for r in ranges]
+
+    def hold(self, times: Sequence[datetime], low: datetime, high: datetime) -> bool:
+        """Whether every one of ``times`` (between ``low`` and ``high``) lies in a known
+        chunk. Contiguous known chunks from ``low``'s to ``high``'s answer without looking
+        at each time (the common case: a batch within a day or two)."""
+        i = bisect.bisect_right(self._starts, low) - 1
+        if i < 0 or low >= self._ends[i]:
+            return False
+        while high >= self._ends[i]:
+            if i + 1 == len(self._starts) or self._starts[i + 1] != self._ends[i]:
+                return all(self._holds(t) for t in times)
+            i += 1
+        return True
+
+    def _holds(self, t: datetime) -> bool:
+        i = bisect.bisect_right(self._starts, t) - 1
+        return i >= 0 and t < self._ends[i]
+
+    @classmethod
+    async def load(cls, conn: asyncpg.Connection) -> ChunkRanges:
+        """The chunks of ``call_events`` as the server has them now."""
+        return cls([(r[0], r[1]) for r in await conn.fetch(_CHUNK_RANGES)])
+
+
 # INGEST_DEDUP_WINDOW's default.
 DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
 _EXISTING_CALLS = "SELECT id FROM calls WHERE id = ANY($1::uuid[])"
@@ -388,8 +438,10 @@ class BatchWriter:
         # except by an operator's reset; one found behind this is such a reset.
         self._reading_from: dict[TopicPartitionKey, int] = {}
         self._insert_only_batches = 0
-        # The look-back's statement for this database (``_look_back``).
-        self._look_back_kind: LookBack | None = None
+        # Whether call_events is a hypertable (asked once: the worker does not change what
+        # the migrations made), and the chunks known to exist (``_may_create_chunk``).
+        self._hypertable: bool | None = None
+        self._chunks: ChunkRanges | None = None
 
     async def ping(self, timeout_s: float | None = None) -> None:
         """Raise unless the database answers (within ``timeout_s``)."""
@@ -521,10 +573,15 @@ class BatchWriter:
         result = WriteResult()
         if not items:
             return result
-        async with self._session(self._write_timeout_s) as conn:
-            await self._refresh_plans(conn)
-            async with conn.transaction():
-                result = await self._write_in(conn, items, result)
+        try:
+            async with self._session(self._write_timeout_s) as conn:
+                await self._refresh_plans(conn)
+                async with conn.transaction():
+                    result = await self._write_in(conn, items, result)
+        except Exception:
+            # A chunk this writer knew may be gone (retention): read them again next time.
+            self._chunks = None
+            raise
         self._reading_from.update(result.positions)
         self._publisher.forget(dl.ref for dl in result.dead_letters)
         return result
@@ -585,6 +642,8 @@ class BatchWriter:
                 conn, events, self._dedup_window, existing_calls, look_back
             )
             result.duplicates += recent
+        if events and await self._may_create_chunk(conn, _events(events)):
+            await conn.execute(_LOCK_CALLS_FOR_A_NEW_CHUNK)
         copy = self._insert_only_batches == 0
         self._insert_only_batches = max(0, self._insert_only_batches - 1)
         stored = await self._store(conn, events, existing_calls, copy=copy)
@@ -608,15 +667,29 @@ class BatchWriter:
         )
         return result
 
-    async def _look_back(self, conn: asyncpg.Connection) -> LookBack:
-        """The look-back for a hypertable or for a plain table (asked once: the worker does
-        not change what the migrations made)."""
-        if self._look_back_kind is None:
-            hyper = bool(await conn.fetchval(_HAS_HYPERTABLE_VIEW)) and bool(
+    async def _is_hypertable(self, conn: asyncpg.Connection) -> bool:
+        """Whether call_events is a TimescaleDB hypertable (asked once)."""
+        if self._hypertable is None:
+            self._hypertable = bool(await conn.fetchval(_HAS_HYPERTABLE_VIEW)) and bool(
                 await conn.fetchval(_IS_HYPERTABLE)
             )
-            self._look_back_kind = HYPERTABLE_LOOK_BACK if hyper else TABLE_LOOK_BACK
-        return self._look_back_kind
+        return self._hypertable
+
+    async def _look_back(self, conn: asyncpg.Connection) -> LookBack:
+        """The look-back for a hypertable or for a plain table."""
+        return HYPERTABLE_LOOK_BACK if await self._is_hypertable(conn) else TABLE_LOOK_BACK
+
+    async def _may_create_chunk(self, conn: asyncpg.Connection, events: list[CallEvent]) -> bool:
+        """Whether inserting ``events`` may create a chunk: some event's time lies in no
+        chunk known to exist, also after reading the chunks again."""
+        if not await self._is_hypertable(conn):
+            return False
+        times = [e.created_at for e in events]
+        low, high = min(times), max(times)
+        if self._chunks is not None and self._chunks.hold(times, low, high):
+            return False
+        self._chunks = await ChunkRanges.load(conn)
+        return not self._chunks.hold(times, low, high)
 
     async def _lock_positions(
         self, conn: asyncpg.Connection, keys: list[TopicPartitionKey]
