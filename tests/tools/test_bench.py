@@ -25,6 +25,8 @@ from tests.conftest import TEST_DATABASE_URL, _with_db
 # Enough batches of 500 that a drain spans several of the bench's 50 ms polls.
 EVENTS = 12_000
 # More than 7 days, so that TimescaleDB has chunks old enough to compress.
+# A copy of an earlier event after every 1,000th (from the 6,001st on: half the corpus back).
+REPEAT_EVERY = 1_000
 HISTORY_DAYS = 9
 CALLS_PER_DAY = 50
 TIMESCALEDB_URL = os.environ.get("TIMESCALEDB_URL", "postgresql://postgres@127.0.0.1:5433/postgres")
@@ -64,6 +66,7 @@ async def bench(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         "--events", str(EVENTS), "--batch", "500", "--steady-seconds", "0", "--processes", "1",
         "--history-days", str(HISTORY_DAYS), "--history-calls-per-day", str(CALLS_PER_DAY),
         "--queries", str(queries), "--query-runs", "2", "--drain-timeout", "60",
+        "--repeat-every", str(REPEAT_EVERY),
         "--output", str(tmp / "latest.json"),
     ]  # fmt: skip
     if tsdb is not None:
@@ -223,6 +226,14 @@ async def test_bench_measures_postgresql_empty_and_with_history(bench: Any) -> N
     # About 6 events a call.
     assert 5 * pg["history"]["calls"] < pg["history"]["events"] < 7 * pg["history"]["calls"]
     assert "worker, 1 process" in bench["table"]
+
+
+async def test_bench_publishes_repeats_that_every_drain_stores_once(bench: Any) -> None:
+    # The bench fails a drain that stored a copy (it counts rows and ids of the corpus).
+    assert bench["result"]["repeats"] == 6
+    assert "repeats" in bench["table"]
+    for state in _server(bench["result"], "PostgreSQL")["states"]:
+        _drains_are_whole(state)
 
 
 async def test_bench_gives_each_drains_cpu_as_a_multiple_of_the_floor_measured_around_it(

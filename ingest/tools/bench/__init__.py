@@ -120,7 +120,7 @@ async def run(args: argparse.Namespace, bootstrap: str, broker: str) -> Result:
     await create_topic(bootstrap, topic)
     _say(f"preloading {args.events:,} events")
     t = time.perf_counter()
-    ends = await preload(bootstrap, topic, args.events, args.seed)
+    ends, r.repeats = await preload(bootstrap, topic, args.events, args.seed, args.repeat_every)
     r.preload_s = time.perf_counter() - t
     _say("read ceiling")
     r.read_ceiling_eps = await read_ceiling(bootstrap, topic, args.events)
@@ -333,6 +333,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steady-rate", type=float, default=5_000)
     p.add_argument("--steady-seconds", type=float, default=60)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--repeat-every",
+        type=int,
+        default=0,
+        help="after every K-th event, publish again one published 20,000 events before it "
+        "(a producer's retry: the drains store batches holding stored keys); default 0: none",
+    )
     p.add_argument(
         "--history-days",
         type=int,

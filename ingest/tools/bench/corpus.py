@@ -6,7 +6,8 @@ import asyncio
 import itertools
 import os
 import random
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,9 +32,27 @@ START = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 CEILING_SEED_OFFSET = 7919
 
 
+# How far back a repeat reaches, in events published: past a whole batch of every lane, so
+# that the copy finds its original stored (a repeat within one batch is the other case).
+REPEAT_LAG = 20_000
+
+
 def events(n: int, seed: int, start: datetime = START) -> Iterator[dict[str, Any]]:
     """The benchmark's N events: realistic interleaved calls, always the same for a seed."""
     return itertools.islice(interleave(random.Random(seed), n, start=start), n)
+
+
+def with_repeats(
+    corpus: Iterable[dict[str, Any]], every: int, lag: int
+) -> Iterator[dict[str, Any]]:
+    """``corpus``, and after every ``every``-th event a copy of the event ``lag`` before it
+    (a producer's retry of an event it had already published); none with ``every`` 0."""
+    recent: deque[dict[str, Any]] = deque(maxlen=lag + 1)
+    for i, e in enumerate(corpus, 1):
+        yield e
+        recent.append(e)
+        if every and i % every == 0 and len(recent) > lag:
+            yield recent[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +115,11 @@ async def create_topic(bootstrap: str, name: str, partitions: int = PARTITIONS) 
         await admin.close()
 
 
-async def preload(bootstrap: str, topic: str, n: int, seed: int) -> dict[int, int]:
-    """Publish the N events; return the end offset per partition."""
+async def preload(
+    bootstrap: str, topic: str, n: int, seed: int, repeat_every: int = 0
+) -> tuple[dict[int, int], int]:
+    """Publish the N events (with ``with_repeats``'s copies: ``repeat_every``); return the
+    end offset per partition and how many copies were published."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         acks="all",
@@ -107,9 +129,11 @@ async def preload(bootstrap: str, topic: str, n: int, seed: int) -> dict[int, in
     )
     await producer.start()
     ends: dict[int, int] = {}
+    published = 0
     try:
         pending: list[asyncio.Future[Any]] = []
-        for e in events(n, seed):
+        for e in with_repeats(events(n, seed), repeat_every, min(REPEAT_LAG, n // 2)):
+            published += 1
             pending.append(await producer.send(topic, orjson.dumps(e), key=e["call_id"].encode()))
             if len(pending) >= 10_000:
                 for md in await asyncio.gather(*pending):
@@ -119,7 +143,7 @@ async def preload(bootstrap: str, topic: str, n: int, seed: int) -> dict[int, in
             ends[md.partition] = max(ends.get(md.partition, 0), md.offset + 1)
     finally:
         await producer.stop()
-    return ends
+    return ends, published - n
 
 
 async def check_exactly_once(conn: asyncpg.Connection, n: int) -> None:

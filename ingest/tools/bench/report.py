@@ -82,6 +82,8 @@ class Result:
     events: int
     batch: int
     preload_s: float = 0.0
+    # Copies of events published again (``--repeat-every``): stored once, counted as repeats.
+    repeats: int = 0
     read_ceiling_eps: float = 0.0
     # CPU per record of a bare Python reader of the corpus (floor.py).
     floor_us_per_record: float = 0.0
@@ -295,6 +297,11 @@ def table(r: Result) -> str:
         rows += [
             ("events", f"{r.events:,}", ""),
             ("batch size", f"{r.batch:,}", ""),
+            *(
+                [("repeats", f"{r.repeats:,}", "copies of published events, published again")]
+                if r.repeats
+                else []
+            ),
             ("read ceiling", f"{r.read_ceiling_eps:,.0f} rec/s", "bare aiokafka consumer"),
         ]
     if r.floor_us_per_record > 0:
