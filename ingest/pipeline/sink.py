@@ -642,7 +642,7 @@ class BatchWriter:
                 conn, events, self._dedup_window, existing_calls, look_back
             )
             result.duplicates += recent
-        if events and await self._may_create_chunk(conn, _events(events)):
+        if events and await self._may_create_chunk(conn, events):
             await conn.execute(_LOCK_CALLS_FOR_A_NEW_CHUNK)
         copy = self._insert_only_batches == 0
         self._insert_only_batches = max(0, self._insert_only_batches - 1)
@@ -679,12 +679,12 @@ class BatchWriter:
         """The look-back for a hypertable or for a plain table."""
         return HYPERTABLE_LOOK_BACK if await self._is_hypertable(conn) else TABLE_LOOK_BACK
 
-    async def _may_create_chunk(self, conn: asyncpg.Connection, events: list[CallEvent]) -> bool:
+    async def _may_create_chunk(self, conn: asyncpg.Connection, events: list[Item]) -> bool:
         """Whether inserting ``events`` may create a chunk: some event's time lies in no
         chunk known to exist, also after reading the chunks again."""
         if not await self._is_hypertable(conn):
             return False
-        times = [e.created_at for e in events]
+        times = [e.created_at for e in _events(events)]
         low, high = min(times), max(times)
         if self._chunks is not None and self._chunks.hold(times, low, high):
             return False
@@ -808,20 +808,17 @@ class BatchWriter:
             await conn.copy_records_to_table(
                 "calls", records=plan.new_call_rows(), columns=_CALL_COLUMNS
             )
+        rows = [e[:5] for e in events]
         if copy:
             try:
                 await conn.copy_records_to_table(
-                    "call_events",
-                    records=[e[:5] for e in events],
-                    columns=_EVENT_COLUMNS,
+                    "call_events", records=rows, columns=_EVENT_COLUMNS
                 )
             except asyncpg.UniqueViolationError:
                 raise _HoldsRepeats from None
         else:
             await conn.execute(_CREATE_STAGED_EVENTS)
-            await conn.copy_records_to_table(
-                _STAGED_EVENTS, records=[e[:5] for e in events], columns=_EVENT_COLUMNS
-            )
+            await conn.copy_records_to_table(_STAGED_EVENTS, records=rows, columns=_EVENT_COLUMNS)
             stored_before = {(r[0], r[1]) for r in await conn.fetch(_INSERT_STAGED_EVENTS)}
             if stored_before:
                 # An event of a call begun in this batch can be stored already only if a

@@ -47,6 +47,7 @@ import orjson
 
 from ingest.tools.bench.ceilings import database_ceiling, read_ceiling
 from ingest.tools.bench.corpus import (
+    REPEAT_LAG,
     START,
     Target,
     bench_database,
@@ -337,8 +338,8 @@ def parser() -> argparse.ArgumentParser:
         "--repeat-every",
         type=int,
         default=0,
-        help="after every K-th event, publish again one published 20,000 events before it "
-        "(a producer's retry: the drains store batches holding stored keys); default 0: none",
+        help=f"after every K-th event, publish again one published {REPEAT_LAG:,} events before "
+        "it (a producer's retry: the drains store batches holding stored keys); default 0: none",
     )
     p.add_argument(
         "--history-days",
