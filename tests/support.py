@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,8 +23,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from ingest.pipeline.contract import RecordRef, decode
 from ingest.pipeline.deadletter import DeadLetterPublisher, header_map
-from ingest.pipeline.sink import DEFAULT_DEDUP_WINDOW, BatchWriter
+from ingest.pipeline.sink import DEFAULT_DEDUP_WINDOW, BatchWriter, Item
 from ingest.pipeline.worker import Worker
 from ingest.service.settings import Settings
 from ingest.tools.migrate import Migrator, discover
@@ -141,6 +142,19 @@ def call_events(call_id: uuid.UUID, start: datetime | None = None) -> list[dict[
 
 
 Record = tuple[bytes | None, bytes | None]
+
+
+def consumed(
+    topic: str, partition: int, offsets: Iterator[int], events: Iterable[dict[str, Any]]
+) -> list[Item]:
+    """``events`` as the sink gets them: consumed records of ``partition``, each at the next
+    of ``offsets``, decoded."""
+    out = []
+    for e in events:
+        ref = RecordRef(topic, partition, next(offsets))
+        value = orjson.dumps(e)
+        out.append(Item(ref, None, value, decode(value, ref, None)))
+    return out
 
 
 def record(e: dict[str, Any] | bytes, key: str | uuid.UUID | None = None) -> Record:

@@ -14,9 +14,8 @@ import asyncpg
 import orjson
 import pytest_asyncio
 
-from ingest.pipeline.contract import RecordRef, decode
 from ingest.pipeline.sink import BatchWriter, Item, WriteResult
-from tests.support import Topics, call_events, event, one_connection_writer
+from tests.support import Topics, call_events, consumed, event, one_connection_writer
 
 T0 = datetime(2026, 2, 1, 9, 0, tzinfo=UTC)
 _offsets = itertools.count()
@@ -31,12 +30,7 @@ async def writer(database_url: str, topics: Topics) -> AsyncIterator[BatchWriter
 
 def items(topic: str, *events: dict[str, Any]) -> list[Item]:
     """Consumed records of ``events``, at increasing offsets of partition 0."""
-    out = []
-    for e in events:
-        ref = RecordRef(topic, 0, next(_offsets))
-        value = orjson.dumps(e)
-        out.append(Item(ref, None, value, decode(value, ref, None)))
-    return out
+    return consumed(topic, 0, _offsets, events)
 
 
 async def write(writer: BatchWriter, topics: Topics, *events: dict[str, Any]) -> WriteResult:

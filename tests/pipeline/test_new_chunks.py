@@ -11,25 +11,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import orjson
 import pytest
 
-from ingest.pipeline.contract import RecordRef, decode
 from ingest.pipeline.sink import Item
-from tests.support import call_events, one_connection_writer
+from tests.support import call_events, consumed, one_connection_writer
 
 pytestmark = pytest.mark.timescaledb
 _offsets = itertools.count()
 
 
 def _calls_on(topic: str, partition: int, day: datetime, calls: int) -> list[Item]:
-    out = []
-    for _ in range(calls):
-        for e in call_events(uuid.uuid4(), day + timedelta(hours=9)):
-            ref = RecordRef(topic, partition, next(_offsets))
-            value = orjson.dumps(e)
-            out.append(Item(ref, None, value, decode(value, ref, None)))
-    return out
+    evs = [e for _ in range(calls) for e in call_events(uuid.uuid4(), day + timedelta(hours=9))]
+    return consumed(topic, partition, _offsets, evs)
 
 
 async def test_two_writers_beginning_a_new_chunk_together_both_store_without_a_deadlock(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -12,11 +13,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import orjson
 import pytest
 
-from ingest.pipeline.contract import RecordRef, decode
-from ingest.pipeline.sink import Item
 from ingest.service.security import kafka_options, postgres_ssl
 from ingest.service.settings import ConfigError, Settings
 from ingest.tools.devbroker import free_port
@@ -25,6 +23,7 @@ from tests.conftest import TEST_DATABASE_URL, _with_db
 from tests.support import (
     WorkerProcess,
     call_events,
+    consumed,
     drained,
     http_get_blocking,
     one_connection_writer,
@@ -190,20 +189,15 @@ async def test_a_member_of_ingest_writer_stores_stored_repeats_where_public_has_
     database = urlsplit(database_url).path.lstrip("/")
     await db.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE ingest_writer')
     await db.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
-    offsets = iter(range(1_000))
-
-    def items(*events: dict[str, object]) -> list[Item]:
-        refs = [RecordRef(topics.source, 0, next(offsets)) for _ in events]
-        values = [orjson.dumps(e) for e in events]
-        return [Item(r, None, v, decode(v, r, None)) for r, v in zip(refs, values, strict=True)]
+    offsets = itertools.count()
 
     try:
         evs = call_events(uuid.uuid4())
         async with one_connection_writer(
             _as_user(database_url, role), topics, dedup_window=None
         ) as writer:
-            await writer.write(items(*evs[:2]))
-            result = await writer.write(items(*evs[1:]))
+            await writer.write(consumed(topics.source, 0, offsets, evs[:2]))
+            result = await writer.write(consumed(topics.source, 0, offsets, evs[1:]))
         assert (len(result.written), result.duplicates, result.dead_letters) == (3, 1, [])
     finally:
         await db.execute(f'GRANT TEMPORARY ON DATABASE "{database}" TO PUBLIC')
