@@ -45,6 +45,9 @@ class LogStartProxy:
         # (topic, partition) -> log start: fetches below it are refused.
         self.log_start: dict[tuple[str, int], int] = {}
         self.refused = 0
+        # Fetches forwarded and not yet answered, one set of correlation ids per flow.
+        self._waiting: dict[int, set[int]] = {}
+        self._answered = asyncio.Condition()
 
     @property
     def port(self) -> int:
@@ -53,6 +56,15 @@ class LogStartProxy:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self._port)
+
+    async def fetches_answered(self, timeout_s: float) -> None:
+        """Return once every fetch forwarded so far has been answered. A client frozen
+        (SIGSTOP) sends none after: whatever the broker gets from then on, no fetch of that
+        client can carry it before the client runs again."""
+        async with self._answered:
+            await asyncio.wait_for(
+                self._answered.wait_for(lambda: not any(self._waiting.values())), timeout_s
+            )
 
     async def stop(self) -> None:
         """Stop listening and close every flow (its handler then ends by itself: asyncio
@@ -79,8 +91,9 @@ class LogStartProxy:
         self._writers.add(broker_w)
         # correlation id -> (fetch version, {(topic, partition): fetch offset})
         fetches: dict[int, tuple[int, dict[tuple[str, int], int]]] = {}
-        up = asyncio.create_task(self._requests(client_r, broker_w, fetches))
-        down = asyncio.create_task(self._responses(broker_r, client_w, fetches))
+        waiting = self._waiting.setdefault(id(task), set())
+        up = asyncio.create_task(self._requests(client_r, broker_w, fetches, waiting))
+        down = asyncio.create_task(self._responses(broker_r, client_w, fetches, waiting))
         try:
             await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -91,17 +104,23 @@ class LogStartProxy:
                 w.close()
                 self._writers.discard(w)
             self._tasks.discard(task)
+            del self._waiting[id(task)]
+            async with self._answered:
+                self._answered.notify_all()
 
     async def _requests(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         fetches: dict[int, tuple[int, dict[tuple[str, int], int]]],
+        waiting: set[int],
     ) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 frame = await _frame(reader)
                 api_key, version, correlation = struct.unpack_from(">hhi", frame, 4)
+                if api_key == _FETCH:
+                    waiting.add(correlation)
                 if api_key == _FETCH and version in _REQUESTS and self.log_start:
                     (client_len,) = struct.unpack_from(">h", frame, 12)
                     body = frame[14 + max(0, client_len) :]
@@ -119,6 +138,7 @@ class LogStartProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         fetches: dict[int, tuple[int, dict[tuple[str, int], int]]],
+        waiting: set[int],
     ) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
@@ -129,6 +149,10 @@ class LogStartProxy:
                     frame = self._refuse_below_log_start(frame, *asked)
                 writer.write(frame)
                 await writer.drain()
+                if correlation in waiting:
+                    waiting.discard(correlation)
+                    async with self._answered:
+                        self._answered.notify_all()
 
     def _refuse_below_log_start(
         self, frame: bytes, version: int, asked: dict[tuple[str, int], int]

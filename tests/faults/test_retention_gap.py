@@ -237,6 +237,12 @@ async def _open_gap(
             # Frozen (SIGSTOP) for a moment shorter than its session timeout: it reads
             # nothing while retention deletes what it has not read yet, and stays in the group.
             worker.signal(signal.SIGSTOP)
+            # A fetch it sent before the freeze waits at the broker for records (up to
+            # KAFKA_FETCH_MAX_WAIT_MS): answered once the next part is published, it would
+            # hand the frozen worker records that are deleted next, possibly every one of
+            # them on the gap partition, and the worker would then never meet the gap.
+            assert broker.proxy is not None
+            await broker.proxy.fetches_answered(timeout_s=10)
         else:
             worker.signal(signal.SIGTERM)
             assert await asyncio.to_thread(worker.wait, 40) == 0
@@ -370,9 +376,8 @@ async def test_a_retention_gap_met_at_fetch_by_a_running_worker_holds_the_partit
     worker = WorkerProcess(env, tmp_path / "running.log")
     try:
         gap = await _open_gap(gap_broker, db, t, worker, seed=163, keep_running=True)
-        # A fetch answered before the freeze may still bring records the broker deleted
-        # after it: read then, they are stored, and the partition is held past them.
         held_at = await _held_until_the_logged_reset(worker, gap, db, port, env, found="fetch")
+        assert held_at == gap.stored_position
         assert gap_broker.proxy.refused > 0
     finally:
         worker.stop()
