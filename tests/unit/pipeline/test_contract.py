@@ -257,6 +257,43 @@ def test_event_data_must_be_an_object(event_data: Any) -> None:
     assert_invalid_field(reject(message(event_data=event_data)), "event_data")
 
 
+def _stored_event_data(number: bytes) -> bytes:
+    value = b'{"call_id":"%s","event_type":"answer","event_data":{"n":%s}}' % (
+        CALL_ID.encode(),
+        number,
+    )
+    return accept(value).event_data_json.encode()
+
+
+@pytest.mark.parametrize(
+    "number", [b"-9223372036854775808", b"0", b"9223372036854775807", b"18446744073709551615"]
+)
+def test_event_data_integers_within_64_bits_are_stored_exactly(number: bytes) -> None:
+    assert _stored_event_data(number) == b'{"n":' + number + b"}"
+
+
+@pytest.mark.parametrize(
+    ("number", "stored"),
+    [
+        (b"18446744073709551616", b"1.8446744073709552e+19"),
+        (b"-9223372036854775809", b"-9.223372036854776e+18"),
+        (b"123456789012345678901234567890", b"1.2345678901234568e+29"),
+        (b"0.10000000000000000001", b"0.1"),
+    ],
+)
+def test_event_data_numbers_beyond_64_bit_integers_are_stored_as_the_nearest_float(
+    number: bytes, stored: bytes
+) -> None:
+    assert _stored_event_data(number) == b'{"n":' + stored + b"}"
+
+
+def test_event_data_number_beyond_the_float_range_is_invalid_json() -> None:
+    value = b'{"call_id":"%s","event_type":"answer","event_data":{"n":1e400}}' % CALL_ID.encode()
+    rejection = reject(value)
+    assert rejection.reason == INVALID_JSON
+    assert "infinity" in rejection.detail
+
+
 @pytest.mark.parametrize(
     "created_at",
     [
