@@ -6,30 +6,22 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
-import orjson
-
-from ingest.pipeline.contract import RecordRef, decode
 from ingest.pipeline.sink import Item
-from tests.support import Topics, event, one_connection_writer
+from tests.support import Topics, consumed, event, one_connection_writer
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
 
 def at_offsets(topic: str, partition: int, offsets: range, call: uuid.UUID) -> list[Item]:
     """Records of one call at ``offsets`` of ``partition``: an initiation, then responses."""
-    out = []
-    for n, offset in enumerate(offsets):
-        e: dict[str, Any] = (
-            event(call, "initiation", {"from_number": "+15550001", "to_number": "+15550002"}, at=T0)
-            if n == 0
-            else event(call, "response", {"n": n}, at=T0)
-        )
-        ref = RecordRef(topic, partition, offset)
-        value = orjson.dumps(e)
-        out.append(Item(ref, None, value, decode(value, ref, None)))
-    return out
+    events = [
+        event(call, "initiation", {"from_number": "+15550001", "to_number": "+15550002"}, at=T0)
+        if n == 0
+        else event(call, "response", {"n": n}, at=T0)
+        for n in range(len(offsets))
+    ]
+    return consumed(topic, partition, iter(offsets), events)
 
 
 async def test_records_below_the_stored_position_are_fenced_and_the_rest_stored(

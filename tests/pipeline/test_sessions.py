@@ -13,18 +13,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from ingest.pipeline.contract import RecordRef, decode
 from ingest.pipeline.deadletter import DeadLetterPublisher
 from ingest.pipeline.policy import Disposition, classify, is_retryable
 from ingest.pipeline.sessions import APPLICATION_NAME, SessionLimits, open_pool
 from ingest.pipeline.sink import BatchWriter, Item, SessionTimedOut
 from ingest.service.settings import Settings
 from tests.faults.pgproxy import AFTER_LOCK, FlowFreezer
-from tests.support import Topics, event
+from tests.support import Topics, consumed, event
 
 T0 = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
 
@@ -58,17 +56,13 @@ async def writer_on(
 def a_call(topic: str, offsets: range) -> list[Item]:
     """One call's records at ``offsets`` of partition 0: an initiation, then responses."""
     call = uuid.uuid4()
-    out = []
-    for n, offset in enumerate(offsets):
-        e = (
-            event(call, "initiation", {"from_number": "+15550001", "to_number": "+15550002"}, at=T0)
-            if n == 0
-            else event(call, "response", {"n": n}, at=T0)
-        )
-        ref = RecordRef(topic, 0, offset)
-        value = orjson.dumps(e)
-        out.append(Item(ref, None, value, decode(value, ref, None)))
-    return out
+    events = [
+        event(call, "initiation", {"from_number": "+15550001", "to_number": "+15550002"}, at=T0)
+        if n == 0
+        else event(call, "response", {"n": n}, at=T0)
+        for n in range(len(offsets))
+    ]
+    return consumed(topic, 0, iter(offsets), events)
 
 
 async def positions_locked(db: asyncpg.Pool, group: str) -> bool:

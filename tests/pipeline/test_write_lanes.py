@@ -4,18 +4,17 @@ one lane's transaction does not wait for the other's, and together they stay exa
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from datetime import UTC, datetime
 
 import asyncpg
-import orjson
 
-from ingest.pipeline.contract import RecordRef, decode
-from ingest.pipeline.sink import Item
 from tests.support import (
     Topics,
     call_events,
     call_mismatches,
+    consumed,
     drained,
     event,
     eventually,
@@ -100,12 +99,20 @@ async def test_a_batch_locks_the_agents_it_touches_in_key_order(
     tx = holder.transaction()
     await tx.start()
     await holder.execute("SELECT 1 FROM agents WHERE id = $1 FOR NO KEY UPDATE", high)
-    batch = []
-    for n, agent in enumerate((high, low)):
-        init = {"from_number": "+14155550100", "to_number": "+14155550101", "agent_id": str(agent)}
-        value = orjson.dumps(event(uuid.uuid4(), "initiation", init, at=T0))
-        ref = RecordRef(topics.source, 0, n)
-        batch.append(Item(ref, None, value, decode(value, ref, None)))
+    batch = consumed(
+        topics.source,
+        0,
+        itertools.count(),
+        (
+            event(
+                uuid.uuid4(),
+                "initiation",
+                {"from_number": "+14155550100", "to_number": "+14155550101", "agent_id": str(a)},
+                at=T0,
+            )
+            for a in (high, low)
+        ),
+    )
     try:
         async with one_connection_writer(database_url, topics) as writer:
             write = asyncio.create_task(writer.write(batch))
