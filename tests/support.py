@@ -141,6 +141,17 @@ def call_events(call_id: uuid.UUID, start: datetime | None = None) -> list[dict[
     ]
 
 
+def initiation_then_responses(call_id: uuid.UUID, count: int, at: datetime) -> list[dict[str, Any]]:
+    """``count`` events of one call, all at ``at``: an initiation, then responses numbered
+    from 1."""
+    return [
+        event(call_id, "initiation", {"from_number": "+15550001", "to_number": "+15550002"}, at=at)
+        if n == 0
+        else event(call_id, "response", {"n": n}, at=at)
+        for n in range(count)
+    ]
+
+
 Record = tuple[bytes | None, bytes | None]
 
 

@@ -8,19 +8,19 @@ import uuid
 from datetime import UTC, datetime
 
 from ingest.pipeline.sink import Item
-from tests.support import Topics, consumed, event, one_connection_writer
+from tests.support import (
+    Topics,
+    consumed,
+    initiation_then_responses,
+    one_connection_writer,
+)
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
 
 def at_offsets(topic: str, partition: int, offsets: range, call: uuid.UUID) -> list[Item]:
     """Records of one call at ``offsets`` of ``partition``: an initiation, then responses."""
-    events = [
-        event(call, "initiation", {"from_number": "+15550001", "to_number": "+15550002"}, at=T0)
-        if n == 0
-        else event(call, "response", {"n": n}, at=T0)
-        for n in range(len(offsets))
-    ]
+    events = initiation_then_responses(call, len(offsets), T0)
     return consumed(topic, partition, iter(offsets), events)
 
 

@@ -22,7 +22,7 @@ from ingest.pipeline.sessions import APPLICATION_NAME, SessionLimits, open_pool
 from ingest.pipeline.sink import BatchWriter, Item, SessionTimedOut
 from ingest.service.settings import Settings
 from tests.faults.pgproxy import AFTER_LOCK, FlowFreezer
-from tests.support import Topics, consumed, event
+from tests.support import Topics, consumed, initiation_then_responses
 
 T0 = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
 
@@ -55,13 +55,7 @@ async def writer_on(
 
 def a_call(topic: str, offsets: range) -> list[Item]:
     """One call's records at ``offsets`` of partition 0: an initiation, then responses."""
-    call = uuid.uuid4()
-    events = [
-        event(call, "initiation", {"from_number": "+15550001", "to_number": "+15550002"}, at=T0)
-        if n == 0
-        else event(call, "response", {"n": n}, at=T0)
-        for n in range(len(offsets))
-    ]
+    events = initiation_then_responses(uuid.uuid4(), len(offsets), T0)
     return consumed(topic, 0, iter(offsets), events)
 
 

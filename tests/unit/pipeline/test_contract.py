@@ -257,12 +257,17 @@ def test_event_data_must_be_an_object(event_data: Any) -> None:
     assert_invalid_field(reject(message(event_data=event_data)), "event_data")
 
 
-def _stored_event_data(number: bytes) -> bytes:
-    value = b'{"call_id":"%s","event_type":"answer","event_data":{"n":%s}}' % (
+def _answer_with_number(number: bytes) -> bytes:
+    """An answer whose event_data holds ``number`` as written (JSON text, not a Python
+    value, so that its digits reach the decoder as given)."""
+    return b'{"call_id":"%s","event_type":"answer","event_data":{"n":%s}}' % (
         CALL_ID.encode(),
         number,
     )
-    return accept(value).event_data_json.encode()
+
+
+def _stored_event_data(number: bytes) -> bytes:
+    return accept(_answer_with_number(number)).event_data_json.encode()
 
 
 @pytest.mark.parametrize(
@@ -288,8 +293,7 @@ def test_event_data_numbers_beyond_64_bit_integers_are_stored_as_the_nearest_flo
 
 
 def test_event_data_number_beyond_the_float_range_is_invalid_json() -> None:
-    value = b'{"call_id":"%s","event_type":"answer","event_data":{"n":1e400}}' % CALL_ID.encode()
-    rejection = reject(value)
+    rejection = reject(_answer_with_number(b"1e400"))
     assert rejection.reason == INVALID_JSON
     assert "infinity" in rejection.detail
 
