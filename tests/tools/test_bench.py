@@ -251,6 +251,24 @@ async def test_bench_gives_each_drains_cpu_as_a_multiple_of_the_floor_measured_a
     assert f"{first['cpu_x_floor']:.2f} x floor ({first['floor_us']:.1f} us)" in bench["table"]
 
 
+async def test_bench_climbs_the_cpu_ladder_from_the_floor_on_empty_tables(bench: Any) -> None:
+    ladder = _server(bench["result"], "PostgreSQL")["ladder"]
+    assert ladder["records"] == EVENTS
+    rungs = ladder["rungs"]
+    assert [r["name"] for r in rungs] == [
+        "floor: read, parse",
+        "read, parse, COPY",
+        "read, decode, COPY",
+        "read, decode, sink",
+    ]
+    assert rungs[0]["us_per_record"] == ladder["floor_us"] > 0
+    for r in rungs:
+        assert r["x_floor"] == pytest.approx(r["us_per_record"] / ladder["floor_us"])
+    # The top rung does all the floor does and the worker's decoding and writes besides.
+    assert rungs[-1]["us_per_record"] > rungs[0]["us_per_record"]
+    assert "CPU ladder" in bench["table"]
+
+
 async def test_bench_times_each_query_file_on_the_history(bench: Any) -> None:
     pg = _server(bench["result"], "PostgreSQL")
     (q,) = pg["states"][1]["queries"]

@@ -16,9 +16,11 @@ measured side by side in one run on the same broker, on PostgreSQL and on Timesc
    corpus (generated server-side, kept between runs): the shipped queries
    (schema/queries/*.sql, median of several runs), the ceiling, one worker; on TimescaleDB
    also with the chunks older than 7 days compressed, and the compression figures;
-4. on the first server (PostgreSQL), the worker at a fixed offered load, with freshness
+4. on empty tables, the CPU ladder (``ladder.py``): the same records read again in this
+   process, each rung doing more of the worker's work, each as a multiple of the floor;
+5. on the first server (PostgreSQL), the worker at a fixed offered load, with freshness
    (commit time minus event time);
-5. one table and a JSON file with the machine's description.
+6. one table and a JSON file with the machine's description.
 
 ``--rolling`` measures something else instead: a rolling restart of worker replicas under
 a steady load (see ``rolling.py``).
@@ -69,6 +71,7 @@ from ingest.tools.bench.history import (
     history_database,
     size_bytes,
 )
+from ingest.tools.bench.ladder import cpu_ladder
 from ingest.tools.bench.queries import query_files, time_queries
 from ingest.tools.bench.report import (
     CompressionFigures,
@@ -187,6 +190,11 @@ async def _server(
         empty = State("empty tables")
         srv.states.append(empty)
         await _measure(args, corpus, Target(url), empty, args.processes, queries=False)
+        if args.ladder:
+            _say(f"{empty.name}: CPU ladder")
+            srv.ladder = await cpu_ladder(
+                Target(url), corpus.bootstrap, corpus.topic, args.events, args.batch
+            )
         if steady_load and args.steady_seconds > 0:
             _say(f"steady load {args.steady_rate:,.0f} ev/s for {args.steady_seconds:.0f} s")
             rate, p50, p95, p99 = await steady(
@@ -368,6 +376,14 @@ def parser() -> argparse.ArgumentParser:
         type=_process_counts,
         default=(1, 2),
         help="worker processes per drain on empty tables, comma-separated (default 1,2)",
+    )
+    p.add_argument(
+        "--ladder",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on empty tables, where the CPU per event above the floor goes: the same records "
+        "read again in the bench's process, each rung doing more of the worker's work "
+        "(default on)",
     )
     p.add_argument("--query-runs", type=int, default=5, help="runs per query file (median)")
     p.add_argument(

@@ -9,8 +9,9 @@ same run, is what carries over.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Final
 from uuid import UUID
@@ -30,6 +31,20 @@ FLOOR_RECORDS: Final = 200_000
 async def python_floor(bootstrap: str, topic: str, n: int) -> float:
     """CPU microseconds per record (user + system, this process) of reading all ``n``
     records of ``topic`` and decoding each one's envelope."""
+    async with corpus_reader(bootstrap, topic) as consumer:
+        got = 0
+        cpu_started = time.process_time()
+        while got < n:
+            for recs in (await consumer.getmany(timeout_ms=1000, max_records=5_000)).values():
+                for rec in recs:
+                    _envelope(orjson.loads(rec.value), rec.timestamp)
+                got += len(recs)
+        return (time.process_time() - cpu_started) / max(got, 1) * 1e6
+
+
+@contextlib.asynccontextmanager
+async def corpus_reader(bootstrap: str, topic: str) -> AsyncIterator[AIOKafkaConsumer]:
+    """A consumer of every partition of ``topic`` from the start, with no group."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -41,14 +56,7 @@ async def python_floor(bootstrap: str, topic: str, n: int) -> float:
     await consumer.start()
     try:
         consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
-        got = 0
-        cpu_started = time.process_time()
-        while got < n:
-            for recs in (await consumer.getmany(timeout_ms=1000, max_records=5_000)).values():
-                for rec in recs:
-                    _envelope(orjson.loads(rec.value), rec.timestamp)
-                got += len(recs)
-        return (time.process_time() - cpu_started) / max(got, 1) * 1e6
+        yield consumer
     finally:
         await consumer.stop()
 

@@ -8,11 +8,15 @@ import platform
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ingest.tools.bench.drains import Drain
 from ingest.tools.bench.queries import QueryTime
 from ingest.tools.bench.soak import Soak
+
+if TYPE_CHECKING:
+    # ladder.py measures with the floor, whose module reads this one's Result.
+    from ingest.tools.bench.ladder import Ladder
 
 
 @dataclass
@@ -73,6 +77,8 @@ class Server:
     compression: CompressionFigures | None = None
     steady: Steady | None = None
     soak: Soak | None = None
+    # Where the CPU per event above the floor goes (``--ladder``; ladder.py).
+    ladder: Ladder | None = None
 
 
 @dataclass
@@ -184,6 +190,8 @@ def _server_rows(srv: Server, read_eps: float) -> list[Row]:
         )
         for d in st.drains:
             rows += _drain_row(d, st, empty, read_eps)
+        if st is empty and srv.ladder is not None:
+            rows += _ladder_rows(srv.ladder)
         if "compressed" in st.name and srv.compression is not None:
             c = srv.compression
             rows.append(
@@ -207,6 +215,25 @@ def _server_rows(srv: Server, read_eps: float) -> list[Row]:
         )
     if srv.soak is not None:
         rows += _soak_rows(srv.soak)
+    return rows
+
+
+def _ladder_rows(ladder: Ladder) -> list[Row]:
+    rows: list[Row] = [
+        (
+            "    CPU ladder",
+            "",
+            f"this process, {ladder.records:,} records per rung, one batch at a time",
+        )
+    ]
+    for rung in ladder.rungs:
+        rows.append(
+            (
+                f"      {rung.name}",
+                f"{rung.us_per_record:.1f} us = {rung.x_floor:.2f} x floor",
+                "",
+            )
+        )
     return rows
 
 
