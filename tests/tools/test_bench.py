@@ -66,7 +66,7 @@ async def bench(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         "--events", str(EVENTS), "--batch", "500", "--steady-seconds", "0", "--processes", "1",
         "--history-days", str(HISTORY_DAYS), "--history-calls-per-day", str(CALLS_PER_DAY),
         "--queries", str(queries), "--query-runs", "2", "--drain-timeout", "60",
-        "--repeat-every", str(REPEAT_EVERY),
+        "--repeat-every", str(REPEAT_EVERY), "--drain-runs", "2",
         "--output", str(tmp / "latest.json"),
     ]  # fmt: skip
     if tsdb is not None:
@@ -218,7 +218,9 @@ def _drains_are_whole(state: Any) -> None:
 async def test_bench_measures_postgresql_empty_and_with_history(bench: Any) -> None:
     pg = _server(bench["result"], "PostgreSQL")
     empty, history = pg["states"]
-    assert [d["processes"] for d in empty["drains"]] == [1]
+    # --drain-runs 2: each state's drain twice, each with a ceiling run of its own after it.
+    assert [d["processes"] for d in empty["drains"]] == [1, 1]
+    assert [d["processes"] for d in history["drains"]] == [1, 1]
     _drains_are_whole(empty)
     _drains_are_whole(history)
     assert pg["history"]["days"] == HISTORY_DAYS
@@ -226,6 +228,7 @@ async def test_bench_measures_postgresql_empty_and_with_history(bench: Any) -> N
     # About 6 events a call.
     assert 5 * pg["history"]["calls"] < pg["history"]["events"] < 7 * pg["history"]["calls"]
     assert "worker, 1 process" in bench["table"]
+    assert "median of 2 drains, 1 process" in bench["table"]
 
 
 async def test_bench_publishes_repeats_that_every_drain_stores_once(bench: Any) -> None:

@@ -276,7 +276,7 @@ async def _measure(
     before = 0.0
     for _ in range(args.ceiling_runs):
         before = await ceiling()
-    for n in processes:
+    for n in (n for n in processes for _ in range(args.drain_runs)):
         _say(f"{st.name}: worker, {n} process(es)")
         d = await floor_around(
             corpus.bootstrap,
@@ -392,6 +392,13 @@ def parser() -> argparse.ArgumentParser:
         default=2,
         help="runs of each database ceiling before the drains, one more after each drain; "
         "a drain is set against the runs on either side of it (default 2)",
+    )
+    p.add_argument(
+        "--drain-runs",
+        type=_at_least_one,
+        default=1,
+        help="drains of each process count per state, each with a ceiling run after it; with "
+        "more than one, the table adds their median and range (default 1)",
     )
     p.add_argument(
         "--drain-timeout",

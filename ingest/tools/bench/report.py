@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,6 +149,28 @@ def _drain_row(d: Drain, st: State, empty: State | None, read_eps: float) -> lis
     ]
 
 
+def _median_rows(st: State) -> list[Row]:
+    """Per process count drained more than once: the median drain / ceiling around it, and
+    the median CPU as a multiple of the floor, each with its range."""
+    rows: list[Row] = []
+    for processes in sorted({d.processes for d in st.drains}):
+        runs = [d for d in st.drains if d.processes == processes and d.ceiling_eps > 0]
+        if len(runs) < 2:
+            continue
+        ratios = sorted(d.eps / d.ceiling_eps for d in runs)
+        cpu = sorted(d.cpu_x_floor for d in runs)
+        label = f"{processes} process{'es' if processes > 1 else ''}"
+        rows.append(
+            (
+                f"    median of {len(runs)} drains, {label}",
+                f"{statistics.median(ratios):.2f} x db ceiling around it",
+                f"range {ratios[0]:.2f}-{ratios[-1]:.2f}; CPU {statistics.median(cpu):.2f} x "
+                f"floor ({cpu[0]:.2f}-{cpu[-1]:.2f})",
+            )
+        )
+    return rows
+
+
 def _cpu(d: Drain) -> str:
     us = f"{d.cpu_us_per_event:.1f} us"
     if d.cpu_x_floor <= 0:
@@ -190,6 +213,7 @@ def _server_rows(srv: Server, read_eps: float) -> list[Row]:
         )
         for d in st.drains:
             rows += _drain_row(d, st, empty, read_eps)
+        rows += _median_rows(st)
         if st is empty and srv.ladder is not None:
             rows += _ladder_rows(srv.ladder)
         if "compressed" in st.name and srv.compression is not None:
