@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -93,8 +94,9 @@ async def _read(
         cpu_started = time.process_time()
         while got < n:
             for recs in (await consumer.getmany(timeout_ms=1000, max_records=batch)).values():
-                rows.extend(map(per_record, recs[: n - got]))
-                got += len(recs)
+                taken = recs[: n - got]
+                rows.extend(map(per_record, taken))
+                got += len(taken)
                 if len(rows) >= batch:
                     await per_batch(rows)
                     rows = []
@@ -143,8 +145,11 @@ async def cpu_ladder(target: Target, bootstrap: str, topic: str, n: int, batch: 
     first ``n`` records of ``topic`` (at most ``LADDER_RECORDS``)."""
     n = min(n, LADDER_RECORDS)
     ladder = Ladder(n)
+    # The drains' workers' settings: the environment's (INGEST_DEDUP_WINDOW=off, say), then
+    # the bench's database and topic.
     settings = Settings.from_env(
         {
+            **os.environ,
             "DATABASE_URL": target.url,
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "KAFKA_TOPICS": topic,
