@@ -232,13 +232,19 @@ def _schema(output: Path | None) -> int:
 GC_YOUNG_THRESHOLD = 50_000
 
 
+def tune_collector() -> None:
+    """The collector as the worker runs with it: what is loaded now (modules, pydantic's
+    validators, settings) lives as long as the process, so it is moved out of the
+    collector's way (older collections stop walking it), and young collections come every
+    ``GC_YOUNG_THRESHOLD`` allocations."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def _run(settings: Settings) -> int:
     from ingest.pipeline.worker import Worker
 
-    # What is loaded now (modules, pydantic's validators, settings) lives as long as the
-    # process: moved out of the collector's way, older collections stop walking it.
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    tune_collector()
 
     async def main() -> None:
         worker = Worker(settings)

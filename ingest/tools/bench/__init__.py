@@ -276,7 +276,7 @@ async def _measure(
     before = 0.0
     for _ in range(args.ceiling_runs):
         before = await ceiling()
-    for n in (n for n in processes for _ in range(args.drain_runs)):
+    for n in [count for count in processes for _ in range(args.drain_runs)]:
         _say(f"{st.name}: worker, {n} process(es)")
         d = await floor_around(
             corpus.bootstrap,

@@ -17,7 +17,7 @@ floor measured at the bottom and at the top of the ladder:
 
 The drain's CPU per event is the rung above: the worker process adds its loop, the write
 lanes, the metrics and the commits to Kafka. Every rung runs with the worker's collector
-settings (``ingest run``'s ``gc.freeze()`` and young threshold).
+settings (``ingest run``'s, ``cli.tune_collector``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from asyncpg.pgproto.pgproto import UUID as FastUUID
 
-from ingest.cli import GC_YOUNG_THRESHOLD
+from ingest.cli import tune_collector
 from ingest.pipeline.batch import to_item
 from ingest.pipeline.contract import CallEvent
 from ingest.pipeline.deadletter import DeadLetterPublisher
@@ -131,8 +131,7 @@ async def _check_stored_once(conn: asyncpg.Connection, stored: int) -> None:
 def worker_collector() -> Iterator[None]:
     """The collector as ``ingest run`` sets it, for the duration."""
     thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *thresholds[1:])
+    tune_collector()
     try:
         yield
     finally:
