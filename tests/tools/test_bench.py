@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from ingest.service.settings import redact_url
+from ingest.tools.bench.corpus import START
 from ingest.tools.bench.queries import run_times
 from tests.conftest import TEST_DATABASE_URL, _with_db
 
@@ -292,6 +293,39 @@ async def test_bench_leaves_the_history_as_it_found_it(bench: Any) -> None:
     finally:
         await conn.close()
     assert (events, calls, positions) == (pg["history"]["events"], pg["history"]["calls"], 0)
+
+
+async def test_bench_leaves_no_dead_rows_of_its_runs_in_a_postgresql_history(bench: Any) -> None:
+    _server(bench["result"], "PostgreSQL")
+    url = _with_db(TEST_DATABASE_URL, f"ingest_bench_history_{HISTORY_DAYS}d_{CALLS_PER_DAY}c")
+    conn = await asyncpg.connect(url)
+    try:
+        if not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgstattuple')"
+        ):
+            pytest.skip("the server has no pgstattuple extension to count dead rows with")
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        try:
+            dead = await conn.fetchval("SELECT dead_tuple_count FROM pgstattuple('call_events')")
+        finally:
+            await conn.execute("DROP EXTENSION pgstattuple")
+    finally:
+        await conn.close()
+    assert dead == 0
+
+
+async def test_bench_leaves_no_chunk_of_its_runs_in_a_timescaledb_history(bench: Any) -> None:
+    _server(bench["result"], "TimescaleDB")
+    url = _with_db(TIMESCALEDB_URL, f"ingest_bench_history_{HISTORY_DAYS}d_{CALLS_PER_DAY}c")
+    conn = await asyncpg.connect(url)
+    try:
+        newest = await conn.fetchval(
+            "SELECT max(range_end) FROM timescaledb_information.chunks "
+            "WHERE hypertable_name = 'call_events'"
+        )
+    finally:
+        await conn.close()
+    assert newest <= START
 
 
 async def test_bench_measures_timescaledb_plain_and_compressed_history(bench: Any) -> None:
