@@ -339,7 +339,20 @@ async def remove_corpus(url: str, start: datetime) -> None:
     writer of a day does."""
     conn = await asyncpg.connect(url)
     try:
+        # Deleted rows stay in the table until a vacuum: every drain and ceiling run left its
+        # 200,000 or so there for the next runs' key checks and index inserts to step over
+        # (1.6 million on PostgreSQL after one year-of-history run, before autovacuum came),
+        # and on TimescaleDB they were counted in the size of the history before and after
+        # compression. The bench's history has daily chunks and the corpus starts at a
+        # midnight, so on a hypertable the run's rows fill chunks of their own: those are
+        # dropped whole, and the DELETE then finds nothing (it stays for any other chunk
+        # layout). A plain table is vacuumed afterwards (a few seconds on a year).
+        hypertable = await _is_hypertable(conn)
         async with conn.transaction():
+            if hypertable:
+                await conn.execute(
+                    "SELECT drop_chunks('call_events', newer_than => $1::timestamptz)", start
+                )
             await conn.execute("DELETE FROM call_events WHERE created_at >= $1", start)
             # Each deleted call would fire the foreign key's check, a lookup by call_id
             # alone: on a hypertable one index probe per chunk (and decompression of the
@@ -351,17 +364,7 @@ async def remove_corpus(url: str, start: datetime) -> None:
             await conn.execute("DELETE FROM calls WHERE created_at >= $1", start)
             await conn.execute("TRUNCATE ingest_consumer_offsets")
         await conn.execute("VACUUM (ANALYZE) calls")
-        # Deleted rows stay in the table until a vacuum: every drain and ceiling run left its
-        # 200,000 or so there for the next runs' key checks and index inserts to step over
-        # (1.6 million on PostgreSQL after one year-of-history run, before autovacuum came),
-        # and on TimescaleDB they were counted in the size of the history before and after
-        # compression. The run's rows lie in chunks of their own (the corpus starts at a
-        # midnight): drop those; a plain table is vacuumed (a few seconds on a year).
-        if await _is_hypertable(conn):
-            await conn.execute(
-                "SELECT drop_chunks('call_events', newer_than => $1::timestamptz)", start
-            )
-        else:
+        if not hypertable:
             await conn.execute("VACUUM call_events")
     finally:
         await conn.close()
