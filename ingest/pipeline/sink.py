@@ -105,7 +105,7 @@ WHERE o.consumer_group = $1 AND o.topic = v.topic AND o.partition = v.partition
 # skipped. Per 5,000-event batch that costs the client what the plain COPY does, where the
 # INSERT from five arrays it replaced cost about 3 us more per event and learning which
 # keys were stored (RETURNING every inserted key) about 7 us more; the server takes
-# 0.8-1.0 of the plain COPY's rate for it (docs/performance.md), so fresh batches keep the
+# 0.8-1.0 of the plain COPY's rate for it (docs/performance-log.md), so fresh batches keep the
 # plain COPY.
 _EVENT_COLUMNS = ("id", "call_id", "event_type", "event_data", "created_at")
 _STAGED_EVENTS = "ingest_staged_events"
