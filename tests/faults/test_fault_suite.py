@@ -160,8 +160,10 @@ async def test_a_call_row_deleted_between_validation_and_write_rejects_only_its_
             await tx.start()
             # The worker may read calls but its COPY must wait: then the row goes away.
             await conn.execute("LOCK TABLE call_events IN SHARE ROW EXCLUSIVE MODE")
-            recs = [record(event(doomed, "answer", {}))] + [
-                record(event(kept, "transcription", {"n": i})) for i in range(5)
+            # One key, so one partition and one write lane: with a lane each, the doomed
+            # call's batch could read calls only after the row had gone (unknown_call).
+            recs = [record(event(doomed, "answer", {}), key=doomed)] + [
+                record(event(kept, "transcription", {"n": i}), key=doomed) for i in range(5)
             ]
             pub = await publish(topics.bootstrap, topics.source, recs)
             await until_waiting_on_lock(db, "call_events")
