@@ -257,9 +257,9 @@ class Settings:
                 "INGEST_ON_RETENTION_GAP", _choice(RETENTION_GAP_ACTIONS), "on_retention_gap"
             ),
             chunk_interval=get("INGEST_CHUNK_INTERVAL", _text, "chunk_interval"),
-            compress_after=get("INGEST_COMPRESS_AFTER", _interval_or_off, "compress_after"),
-            retention=get("INGEST_RETENTION", _interval_or_off, "retention"),
-            dedup_window=get("INGEST_DEDUP_WINDOW", _interval_or_off, "dedup_window"),
+            compress_after=get("INGEST_COMPRESS_AFTER", interval_or_off, "compress_after"),
+            retention=get("INGEST_RETENTION", interval_or_off, "retention"),
+            dedup_window=get("INGEST_DEDUP_WINDOW", interval_or_off, "dedup_window"),
             readonly_password=get("INGEST_READONLY_PASSWORD", _text, "readonly_password"),
             log_level=get("LOG_LEVEL", _log_level, "log_level"),
         )
@@ -470,7 +470,9 @@ def interval_seconds(text: str) -> int:
     return total
 
 
-def _interval_or_off(name: str, raw: str) -> str:
+def interval_or_off(name: str, raw: str) -> str:
+    """``raw`` when it is a positive interval (``'7 days'``), ``'off'`` for any case of off;
+    ``ConfigError`` naming the variable ``name`` otherwise."""
     if raw.lower() == "off":
         return "off"
     try:

@@ -67,7 +67,7 @@ async def bench(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         "--events", str(EVENTS), "--batch", "500", "--steady-seconds", "0", "--processes", "1",
         "--history-days", str(HISTORY_DAYS), "--history-calls-per-day", str(CALLS_PER_DAY),
         "--queries", str(queries), "--query-runs", "2", "--drain-timeout", "60",
-        "--repeat-every", str(REPEAT_EVERY), "--drain-runs", "2",
+        "--repeat-every", str(REPEAT_EVERY), "--drain-runs", "2", "--dedup-pairs", "1",
         "--output", str(tmp / "latest.json"),
     ]  # fmt: skip
     if tsdb is not None:
@@ -76,14 +76,16 @@ async def bench(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         **os.environ,
         "BENCH_DATABASE_URL": _with_db(TEST_DATABASE_URL, name),
         "KAFKA_BOOTSTRAP_SERVERS": kafka,
-        # Tansu answers a join after about two thirds of the session timeout: keep it short.
-        "KAFKA_SESSION_TIMEOUT_MS": "3000",
+        # Tansu answers a join after about two thirds of the session timeout, and the run
+        # starts a worker for every drain, one after the other: keep it short.
+        "KAFKA_SESSION_TIMEOUT_MS": "2000",
         "KAFKA_HEARTBEAT_INTERVAL_MS": "500",
     }
     env.pop("TIMESCALEDB_URL", None)
+    env.pop("INGEST_DEDUP_WINDOW", None)
     try:
         proc = await asyncio.to_thread(
-            subprocess.run, args, env=env, capture_output=True, text=True, timeout=150
+            subprocess.run, args, env=env, capture_output=True, text=True, timeout=240
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         yield {"result": orjson.loads((tmp / "latest.json").read_bytes()), "table": proc.stdout}
@@ -230,6 +232,34 @@ async def test_bench_measures_postgresql_empty_and_with_history(bench: Any) -> N
     assert 5 * pg["history"]["calls"] < pg["history"]["events"] < 7 * pg["history"]["calls"]
     assert "worker, 1 process" in bench["table"]
     assert "median of 2 drains, 1 process" in bench["table"]
+
+
+def _dedup_pair_is_whole(state: Any) -> None:
+    cost = state["dedup"]
+    assert cost["window"] == "24 hours"
+    assert len(cost["on"]) == len(cost["off"]) == 1
+    for d in cost["on"] + cost["off"]:
+        assert d["finished"], d
+        assert d["eps"] > 0
+    assert cost["on_over_off"] == pytest.approx(cost["on"][0]["eps"] / cost["off"][0]["eps"])
+
+
+async def test_bench_measures_the_dedup_windows_cost_on_the_postgresql_history(
+    bench: Any,
+) -> None:
+    empty, history = _server(bench["result"], "PostgreSQL")["states"]
+    assert empty["dedup"] is None
+    _dedup_pair_is_whole(history)
+    assert "dedup window 24 hours on / off" in bench["table"]
+
+
+async def test_bench_measures_the_dedup_windows_cost_on_both_timescaledb_histories(
+    bench: Any,
+) -> None:
+    empty, plain, packed = _server(bench["result"], "TimescaleDB")["states"]
+    assert empty["dedup"] is None
+    _dedup_pair_is_whole(plain)
+    _dedup_pair_is_whole(packed)
 
 
 async def test_bench_publishes_repeats_that_every_drain_stores_once(bench: Any) -> None:

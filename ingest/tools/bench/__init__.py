@@ -15,7 +15,9 @@ measured side by side in one run on the same broker, on PostgreSQL and on Timesc
 3. with --history-days N, the same on a database holding N days of history before the
    corpus (generated server-side, kept between runs): the shipped queries
    (schema/queries/*.sql, median of several runs), the ceiling, one worker; on TimescaleDB
-   also with the chunks older than 7 days compressed, and the compression figures;
+   also with the chunks older than 7 days compressed, and the compression figures; with
+   --dedup-pairs K, on each history state K alternating pairs of one-process drains with the
+   dedup window as configured and with it off (``dedup.py``);
 4. on empty tables, the CPU ladder (``ladder.py``): the same records read again in this
    process, each rung doing more of the worker's work, each as a multiple of the floor;
 5. on the first server (PostgreSQL), the worker at a fixed offered load, with freshness
@@ -40,6 +42,7 @@ import functools
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from ingest.service.settings import ConfigError
+from ingest.tools.bench import dedup
 from ingest.tools.bench.ceilings import database_ceiling, read_ceiling
 from ingest.tools.bench.corpus import (
     REPEAT_LAG,
@@ -60,7 +65,7 @@ from ingest.tools.bench.corpus import (
     server_version,
     unreachable,
 )
-from ingest.tools.bench.drains import drain, steady
+from ingest.tools.bench.drains import Drain, drain, steady
 from ingest.tools.bench.floor import floor_around, python_floor, with_floor_ratios
 from ingest.tools.bench.history import (
     Shape,
@@ -276,23 +281,22 @@ async def _measure(
     before = 0.0
     for _ in range(args.ceiling_runs):
         before = await ceiling()
-    for n in [count for count in processes for _ in range(args.drain_runs)]:
-        _say(f"{st.name}: worker, {n} process(es)")
-        d = await floor_around(
+
+    def drain_with(processes: int) -> Callable[..., Awaitable[Drain]]:
+        return functools.partial(
+            drain,
+            target,
             corpus.bootstrap,
             corpus.topic,
             args.events,
-            functools.partial(
-                drain,
-                target,
-                corpus.bootstrap,
-                corpus.topic,
-                args.events,
-                corpus.ends,
-                n,
-                args.drain_timeout,
-            ),
+            corpus.ends,
+            processes,
+            args.drain_timeout,
         )
+
+    for n in [count for count in processes for _ in range(args.drain_runs)]:
+        _say(f"{st.name}: worker, {n} process(es)")
+        d = await floor_around(corpus.bootstrap, corpus.topic, args.events, drain_with(n))
         # A ceiling run on each side of every drain, as for the floor: the machine's speed
         # drifts by a third within minutes, so a drain is set against the ceiling of its
         # own minutes, not only against the fastest run of the state.
@@ -301,17 +305,31 @@ async def _measure(
         d.ceiling_eps = (before + after) / 2
         before = after
         st.drains.append(d)
+    if target.history and args.dedup_pairs > 0:
+        st.dedup = await dedup.measure(
+            drain_with(1),
+            args.dedup_pairs,
+            args.dedup_window,
+            lambda msg: _say(f"{st.name}: {msg}"),
+        )
     await clean(target)
 
 
-def _at_least_one(raw: str) -> int:
-    try:
-        n = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError("a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("at least 1")
-    return n
+def _whole_number(least: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            n = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError("a whole number") from None
+        if n < least:
+            raise argparse.ArgumentTypeError(f"at least {least}")
+        return n
+
+    return parse
+
+
+_at_least_one = _whole_number(1)
+_none_or_more = _whole_number(0)
 
 
 def _positive_minutes(raw: str) -> float:
@@ -401,6 +419,14 @@ def parser() -> argparse.ArgumentParser:
         "more than one, the table adds their median and range (default 1)",
     )
     p.add_argument(
+        "--dedup-pairs",
+        type=_none_or_more,
+        default=0,
+        help="on each history state, this many pairs of one-process drains with the dedup "
+        "window as configured (INGEST_DEDUP_WINDOW, default 24 hours) and with it off, in "
+        "alternating order: the window's cost (default 0: not measured)",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=1800,
@@ -437,6 +463,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.rolling:
         return _rolling(args)
+    args.dedup_window = ""
+    if args.dedup_pairs > 0:
+        try:
+            if args.history_days <= 0:
+                raise ConfigError("--dedup-pairs measures on the history: give --history-days")
+            args.dedup_window = dedup.configured_window(os.environ)
+        except ConfigError as exc:
+            print(f"ingest bench: {exc}", file=sys.stderr)
+            return 2
     args.output = args.output or Path("bench-results/latest.json")
     if args.queries is None:
         args.queries = schema_dir() / "queries"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -34,9 +35,17 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _worker_env(url: str, bootstrap: str, topic: str, group: str, port: int) -> dict[str, str]:
+def _worker_env(
+    url: str,
+    bootstrap: str,
+    topic: str,
+    group: str,
+    port: int,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     return {
         **os.environ,
+        **(extra or {}),
         "DATABASE_URL": url,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "KAFKA_TOPICS": topic,
@@ -117,16 +126,18 @@ async def drain(
     ends: dict[int, int],
     processes: int,
     timeout_s: float = 1800,
+    settings: Mapping[str, str] | None = None,
 ) -> Drain:
     """``processes`` workers drain the topic from a fresh group: events/s and CPU per event
     from their first commit to zero lag (or to ``timeout_s``: then the row says so), peak
-    RSS each. Afterwards every event stored is checked to be stored exactly once."""
+    RSS each. Afterwards every event stored is checked to be stored exactly once. The
+    workers take the bench's environment, with ``settings`` on top of it."""
     await clean(target)
     group = f"bench-drain-{processes}-{time.time_ns()}"
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "ingest", "run"],
-            env=_worker_env(target.url, bootstrap, topic, group, free_port()),
+            env=_worker_env(target.url, bootstrap, topic, group, free_port(), settings),
         )
         for _ in range(processes)
     ]

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ingest.tools.bench.dedup import DedupCost, order
 from ingest.tools.bench.drains import Drain
 from ingest.tools.bench.queries import QueryTime
 from ingest.tools.bench.soak import Soak
@@ -28,6 +29,8 @@ class State:
     ceiling_eps: float = 0.0
     drains: list[Drain] = field(default_factory=list)
     queries: list[QueryTime] = field(default_factory=list)
+    # The dedup window on against off (``--dedup-pairs``; history states only).
+    dedup: DedupCost | None = None
 
 
 @dataclass
@@ -171,6 +174,22 @@ def _median_rows(st: State) -> list[Row]:
     return rows
 
 
+def _dedup_rows(cost: DedupCost) -> list[Row]:
+    """The window on against off: the ratio of the summed rates, then each pair's rates in
+    the order they ran."""
+    pairs = []
+    for i, (on, off) in enumerate(zip(cost.on, cost.off, strict=False)):
+        first, second = ((on, "on"), (off, "off")) if order(i)[0] else ((off, "off"), (on, "on"))
+        pairs.append(f"{first[1]} {first[0].eps:,.0f}, {second[1]} {second[0].eps:,.0f}")
+    return [
+        (
+            f"    dedup window {cost.window} on / off",
+            f"{cost.on_over_off:.2f} x",
+            f"{len(cost.on)} pair(s), ev/s: " + "; ".join(pairs),
+        )
+    ]
+
+
 def _cpu(d: Drain) -> str:
     us = f"{d.cpu_us_per_event:.1f} us"
     if d.cpu_x_floor <= 0:
@@ -214,6 +233,8 @@ def _server_rows(srv: Server, read_eps: float) -> list[Row]:
         for d in st.drains:
             rows += _drain_row(d, st, empty, read_eps)
         rows += _median_rows(st)
+        if st.dedup is not None:
+            rows += _dedup_rows(st.dedup)
         if st is empty and srv.ladder is not None:
             rows += _ladder_rows(srv.ladder)
         if "compressed" in st.name and srv.compression is not None:
