@@ -8,14 +8,14 @@ the window-off ones' (1.00: none; the target is at least 0.95)."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-from ingest.service.settings import ConfigError, interval_or_off
+from ingest.service.settings import ConfigError, Settings, interval_or_off
 from ingest.tools.bench.drains import Drain
 
 WINDOW_VARIABLE = "INGEST_DEDUP_WINDOW"
-# The worker's default (Settings.dedup_window).
-DEFAULT_WINDOW = "24 hours"
+# The worker's default, from its settings, so the two cannot drift apart.
+DEFAULT_WINDOW = str(next(f.default for f in fields(Settings) if f.name == "dedup_window"))
 
 
 @dataclass
