@@ -198,14 +198,17 @@ class Published:
         return out
 
 
-async def publish(bootstrap: str, topic: str, records: Sequence[Record]) -> Published:
-    """Publish in order and wait for every acknowledgement."""
+async def publish(
+    bootstrap: str, topic: str, records: Sequence[Record], partition: int | None = None
+) -> Published:
+    """Publish in order and wait for every acknowledgement; to ``partition`` when given,
+    else where the key leads."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=False
     )
     await producer.start()
     try:
-        futs = [await producer.send(topic, value=v, key=k) for k, v in records]
+        futs = [await producer.send(topic, value=v, key=k, partition=partition) for k, v in records]
         metas = await asyncio.gather(*futs)
     finally:
         await producer.stop()

@@ -130,6 +130,10 @@ class EventSource:
             # The broker answers a fetch after this long even with little data: it bounds
             # how stale a record can get before it reaches a batch.
             fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+            # Partitions added to a subscribed topic are seen, and the group rebalanced to
+            # read them, at the next metadata refresh: aiokafka's 5-minute default would
+            # leave their records unread that long.
+            metadata_max_age_ms=settings.kafka_metadata_max_age_ms,
             **kafka_options,
         )
         self.joined = False

@@ -93,6 +93,7 @@ class Settings:
     kafka_request_timeout_ms: int = 20_000
     kafka_rebalance_timeout_ms: int = 10_000
     kafka_connections_max_idle_ms: int = 10_000
+    kafka_metadata_max_age_ms: int = 60_000
     batch_max_events: int = 5_000
     write_lanes: int = 2
     batch_max_wait_ms: int = 200
@@ -222,6 +223,9 @@ class Settings:
                 "KAFKA_CONNECTIONS_MAX_IDLE_MS",
                 _int(1_000, 86_400_000),
                 "kafka_connections_max_idle_ms",
+            ),
+            kafka_metadata_max_age_ms=get(
+                "KAFKA_METADATA_MAX_AGE_MS", _int(1_000, 3_600_000), "kafka_metadata_max_age_ms"
             ),
             batch_max_events=get("INGEST_BATCH_MAX_EVENTS", _int(1, 100_000), "batch_max_events"),
             write_lanes=get("INGEST_WRITE_LANES", _int(1, 8), "write_lanes"),

@@ -374,6 +374,25 @@ def test_bad_kafka_timeout_raises_config_error_naming_it(variable: str, raw: str
     assert config_error({"DATABASE_URL": URL, variable: raw}).startswith(variable)
 
 
+# --- Kafka metadata refresh -------------------------------------------------------------------
+
+
+def test_partitions_added_to_a_topic_are_looked_for_every_minute_by_default() -> None:
+    assert load().kafka_metadata_max_age_ms == 60_000
+
+
+@pytest.mark.parametrize("raw", ["1000", "3600000"])
+def test_the_metadata_age_is_parsed_within_its_bounds(raw: str) -> None:
+    assert load(KAFKA_METADATA_MAX_AGE_MS=raw).kafka_metadata_max_age_ms == int(raw)
+
+
+@pytest.mark.parametrize("raw", ["999", "3600001", "1m"])
+def test_a_bad_metadata_age_raises_config_error_naming_it(raw: str) -> None:
+    message = config_error({"DATABASE_URL": URL, "KAFKA_METADATA_MAX_AGE_MS": raw})
+
+    assert message.startswith("KAFKA_METADATA_MAX_AGE_MS")
+
+
 def test_request_timeout_must_outlast_the_rebalance_timeout_by_the_margin() -> None:
     # The broker may hold a JoinGroup until the rebalance timeout: a request timeout that
     # ends first would drop the coordinator connection in the middle of every rebalance.
