@@ -935,6 +935,7 @@ async def _drop_recent_repeats(
     evs = [e for e in _events(events) if e.call_id in existing_calls]
     if not evs:
         return events, 0
+    started = time.monotonic()
     times = [e.created_at for e in evs]
     first, last = min(times), max(times)
     stored: dict[UUID, list[datetime]] = {}
@@ -945,6 +946,10 @@ async def _drop_recent_repeats(
         ids = [e.id for e in evs] if one else [e.id for e in evs if low <= e.created_at <= high]
         for row in await look_back.fetch(conn, ids, low - window, high + window):
             stored.setdefault(row[0], []).append(row[1])
+    # Its time is the window's cost to the write (the bench's --dedup-pairs reads it), and
+    # what grows first when a plan goes wrong.
+    metrics.DEDUP_LOOK_BACK_SECONDS.observe(time.monotonic() - started)
+    metrics.DEDUP_LOOK_BACK_EVENTS.inc(len(evs))
     if not stored:
         return events, 0
     kept = [item for item in events if not _stored_near(_event(item), stored, window)]

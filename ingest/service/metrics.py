@@ -79,6 +79,15 @@ EVENTS_DUPLICATE: Final = Counter(
     "Events dropped as repeats: their id was already stored at the same created_at or "
     "within INGEST_DEDUP_WINDOW of it.",
 )
+DEDUP_LOOK_BACK_SECONDS: Final = Histogram(
+    "ingest_dedup_look_back_seconds",
+    "Time of one batch's look-back for events stored within INGEST_DEDUP_WINDOW (batches "
+    "with events of calls stored before them).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+DEDUP_LOOK_BACK_EVENTS: Final = Counter(
+    "ingest_dedup_look_back_events", "Events whose id the look-back asked the database about."
+)
 EVENTS_FENCED: Final = Counter(
     "ingest_events_fenced", "Records skipped because another owner had already stored them."
 )

@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
 from ingest.pipeline.contract import RecordRef, decode
 from ingest.pipeline.sink import (
@@ -190,6 +191,42 @@ async def test_an_id_reused_by_a_call_begun_in_the_batch_is_another_event(db, wr
     result = await write(writer, topics, other, reused)
     assert counts(result) == (2, 0, 0)
     assert len(await stored_times(db, answer["id"])) == 2
+
+
+# --- what the look-back reports ------------------------------------------------------------
+
+
+def look_backs() -> tuple[float, float]:
+    """(batches that looked back, events asked about) so far in this process."""
+    return (
+        REGISTRY.get_sample_value("ingest_dedup_look_back_seconds_count") or 0.0,
+        REGISTRY.get_sample_value("ingest_dedup_look_back_events_total") or 0.0,
+    )
+
+
+async def test_a_batch_with_events_of_stored_calls_reports_its_look_back_and_the_ids_asked(
+    db, writer, topics
+):
+    init, answer, transcription = call_events(uuid.uuid4(), T0)[:3]
+    await write(writer, topics, init)
+    batches, asked = look_backs()
+    fresh = call_events(uuid.uuid4(), T0)
+    await write(writer, topics, *fresh, answer, transcription)
+    assert look_backs() == (batches + 1, asked + 2)
+
+
+async def test_a_batch_of_calls_begun_in_it_does_not_look_back(db, writer, topics):
+    before = look_backs()
+    await write(writer, topics, *call_events(uuid.uuid4(), T0))
+    assert look_backs() == before
+
+
+async def test_with_the_window_off_no_batch_looks_back(db, keys_only, topics):
+    init, answer = call_events(uuid.uuid4(), T0)[:2]
+    await write(keys_only, topics, init)
+    before = look_backs()
+    await write(keys_only, topics, answer)
+    assert look_backs() == before
 
 
 # --- without created_at: the record timestamp is the event's time ----------------------------
