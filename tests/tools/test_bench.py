@@ -241,7 +241,14 @@ def _dedup_pair_is_whole(state: Any) -> None:
     for d in cost["on"] + cost["off"]:
         assert d["finished"], d
         assert d["eps"] > 0
+        assert d["write_s"] > 0
     assert cost["on_over_off"] == pytest.approx(cost["on"][0]["eps"] / cost["off"][0]["eps"])
+    # Batches of 500 from 50 calls at a time: some hold events of calls stored before them,
+    # which the window on asks about and the window off does not.
+    on, off = cost["on"][0], cost["off"][0]
+    assert 0 < on["look_back_s"] < on["write_s"]
+    assert off["look_back_s"] == 0
+    assert cost["look_back_share"] == pytest.approx(on["look_back_s"] / on["write_s"])
 
 
 async def test_bench_measures_the_dedup_windows_cost_on_the_postgresql_history(
@@ -251,6 +258,7 @@ async def test_bench_measures_the_dedup_windows_cost_on_the_postgresql_history(
     assert empty["dedup"] is None
     _dedup_pair_is_whole(history)
     assert "dedup window 24 hours on / off" in bench["table"]
+    assert "look-back, window on" in bench["table"]
 
 
 async def test_bench_measures_the_dedup_windows_cost_on_both_timescaledb_histories(

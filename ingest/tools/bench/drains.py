@@ -116,6 +116,11 @@ class Drain:
     # The same-work database ceiling around this drain: the mean of the ceiling run right
     # before it and the one right after (0: not measured).
     ceiling_eps: float = 0.0
+    # The workers' time storing batches and, of it, in the dedup window's look-back, summed
+    # over the processes (their ``ingest_batch_write_seconds`` and
+    # ``ingest_dedup_look_back_seconds``, read as the drain ends; 0: not read).
+    write_s: float = 0.0
+    look_back_s: float = 0.0
 
 
 async def drain(
@@ -134,16 +139,17 @@ async def drain(
     workers take the bench's environment, with ``settings`` on top of it."""
     await clean(target)
     group = f"bench-drain-{processes}-{time.time_ns()}"
+    ports = [free_port() for _ in range(processes)]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "ingest", "run"],
-            env=_worker_env(target.url, bootstrap, topic, group, free_port(), settings),
+            env=_worker_env(target.url, bootstrap, topic, group, port, settings),
         )
-        for _ in range(processes)
+        for port in ports
     ]
     conn = await asyncpg.connect(target.url)
     try:
-        return await _measure_drain(conn, procs, group, n, ends, processes, timeout_s)
+        return await _measure_drain(conn, procs, ports, group, n, ends, processes, timeout_s)
     finally:
         await conn.close()
 
@@ -151,6 +157,7 @@ async def drain(
 async def _measure_drain(
     conn: asyncpg.Connection,
     procs: list[subprocess.Popen[bytes]],
+    ports: list[int],
     group: str,
     n: int,
     ends: dict[int, int],
@@ -179,6 +186,7 @@ async def _measure_drain(
         end_at = time.monotonic()
         cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_first
         rss = [_peak_rss_mb(p.pid) for p in procs]
+        write_s, look_back_s = await _write_times(ports)
     finally:
         _stop(procs)
     # A drain cut short is checked for what its workers committed before they stopped.
@@ -196,7 +204,32 @@ async def _measure_drain(
         cpu / max(drained, 1) * 1e6,
         rss,
         finished,
+        write_s=write_s,
+        look_back_s=look_back_s,
     )
+
+
+async def _write_times(ports: list[int]) -> tuple[float, float]:
+    """The workers' summed time storing batches and in the dedup look-back so far, read from
+    their ``/metrics`` (a worker that does not answer counts 0: the row then says less)."""
+    write_s = look_back_s = 0.0
+    for port in ports:
+        try:
+            body = await asyncio.to_thread(_scrape, port)
+        except OSError:
+            continue
+        write_s += metric_sum(body, "ingest_batch_write_seconds")
+        look_back_s += metric_sum(body, "ingest_dedup_look_back_seconds")
+    return write_s, look_back_s
+
+
+def metric_sum(body: str, name: str) -> float:
+    """The ``_sum`` of histogram ``name`` in a Prometheus text exposition (0 when absent)."""
+    prefix = f"{name}_sum "
+    for line in body.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return 0.0
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:

@@ -186,7 +186,12 @@ def _dedup_rows(cost: DedupCost) -> list[Row]:
             f"    dedup window {cost.window} on / off",
             f"{cost.on_over_off:.2f} x",
             f"{len(cost.on)} pair(s), ev/s: " + "; ".join(pairs),
-        )
+        ),
+        (
+            "      look-back, window on",
+            f"{cost.look_back_share:.1%}",
+            "of the workers' time storing batches",
+        ),
     ]
 
 

@@ -102,3 +102,34 @@ def test_the_table_gives_the_ratio_and_each_pair_in_the_order_it_ran() -> None:
     assert "dedup window 24 hours on / off" in out
     assert "1.00 x" in out
     assert "2 pair(s), ev/s: on 35,000, off 36,000; off 33,000, on 34,000" in out
+
+
+def _timed(write_s: float, look_back_s: float) -> Drain:
+    return Drain(1, 30_000.0, 1_000, 1.0, 20.0, [100.0], write_s=write_s, look_back_s=look_back_s)
+
+
+def test_the_look_back_share_is_the_summed_look_back_over_the_summed_write_time() -> None:
+    on = [_timed(8.0, 0.1), _timed(12.0, 0.3)]
+    assert dedup.look_back_share(on) == pytest.approx(0.02)
+    assert dedup.look_back_share([_timed(0.0, 0.0)]) == 0.0
+
+
+async def test_the_look_back_share_is_taken_from_the_window_on_drains_only() -> None:
+    async def drain(settings: Mapping[str, str]) -> Drain:
+        on = settings["INGEST_DEDUP_WINDOW"] != "off"
+        return _timed(10.0, 0.5 if on else 0.0)
+
+    cost = await dedup.measure(drain, 2, "24 hours", lambda _: None)
+    assert cost.look_back_share == pytest.approx(0.05)
+
+
+def test_the_table_gives_the_look_back_share_under_the_ratio() -> None:
+    cost = dedup.DedupCost("24 hours", on=[_timed(10.0, 0.25)], off=[_timed(10.0, 0.0)])
+    cost.look_back_share = dedup.look_back_share(cost.on)
+    r = Result(events=1_000, batch=100)
+    r.servers.append(Server("PostgreSQL", "15", [State("365 days", 30_000.0, [], dedup=cost)]))
+    lines = table(r).splitlines()
+    at = next(i for i, line in enumerate(lines) if "dedup window 24 hours on / off" in line)
+    assert "look-back, window on" in lines[at + 1]
+    assert "2.5%" in lines[at + 1]
+    assert "of the workers' time storing batches" in lines[at + 1]
