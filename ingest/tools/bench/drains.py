@@ -218,17 +218,16 @@ async def _write_times(ports: list[int]) -> tuple[float, float]:
             body = await asyncio.to_thread(_scrape, port)
         except OSError:
             continue
-        write_s += metric_sum(body, "ingest_batch_write_seconds")
-        look_back_s += metric_sum(body, "ingest_dedup_look_back_seconds")
+        write_s += sample(body, "ingest_batch_write_seconds_sum")
+        look_back_s += sample(body, "ingest_dedup_look_back_seconds_sum")
     return write_s, look_back_s
 
 
-def metric_sum(body: str, name: str) -> float:
-    """The ``_sum`` of histogram ``name`` in a Prometheus text exposition (0 when absent)."""
-    prefix = f"{name}_sum "
+def sample(body: str, name: str) -> float:
+    """A sample without labels from a Prometheus text exposition (0 when absent)."""
     for line in body.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix) :])
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 

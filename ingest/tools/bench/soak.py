@@ -33,7 +33,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from ingest.tools.bench.corpus import PARTITIONS, Target, clean, create_topic
-from ingest.tools.bench.drains import _scrape, _stop, _worker_env, cpu_seconds
+from ingest.tools.bench.drains import _scrape, _stop, _worker_env, cpu_seconds, sample
 from ingest.tools.devbroker import free_port
 from ingest.tools.produce import interleave
 
@@ -192,14 +192,6 @@ def _rss_mb(pid: int) -> float:
     return math.nan
 
 
-def _counter(body: str, name: str) -> float:
-    """A sample without labels from the exposition text (0 when absent)."""
-    for line in body.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 @dataclass(slots=True)
 class _Mark:
     """The worker's counters and both processes' CPU at one moment."""
@@ -215,9 +207,9 @@ class _Mark:
     async def read(cls, port: int, pid: int, broker_pid: int | None) -> _Mark:
         body = await asyncio.to_thread(_scrape, port)
         return cls(
-            _counter(body, "ingest_batch_write_seconds_sum"),
-            _counter(body, "ingest_batch_write_seconds_count"),
-            _counter(body, "ingest_batch_events_sum"),
+            sample(body, "ingest_batch_write_seconds_sum"),
+            sample(body, "ingest_batch_write_seconds_count"),
+            sample(body, "ingest_batch_events_sum"),
             cpu_seconds(pid),
             time.process_time(),
             cpu_seconds(broker_pid) if broker_pid is not None else math.nan,
@@ -262,7 +254,7 @@ async def _until_assigned(port: int, proc: subprocess.Popen[bytes], timeout_s: f
             raise SystemExit("bench: the soak's worker exited before it was assigned")
         try:
             body = await asyncio.to_thread(_scrape, port)
-            if _counter(body, "ingest_partitions_assigned") >= PARTITIONS:
+            if sample(body, "ingest_partitions_assigned") >= PARTITIONS:
                 return
         except OSError:
             pass

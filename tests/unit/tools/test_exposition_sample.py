@@ -1,8 +1,9 @@
-"""Reading a worker's histogram sums from its Prometheus text, as the bench does."""
+"""Reading a worker's samples without labels (a histogram's sum, a gauge) from its
+Prometheus text, as the bench does."""
 
 from __future__ import annotations
 
-from ingest.tools.bench.drains import metric_sum
+from ingest.tools.bench.drains import sample
 
 BODY = """\
 # HELP ingest_batch_write_seconds Time to store one batch.
@@ -16,10 +17,10 @@ ingest_dedup_look_back_seconds_sum 0.125
 
 
 def test_the_sum_of_a_histogram_is_read_by_its_exact_name() -> None:
-    assert metric_sum(BODY, "ingest_batch_write_seconds") == 6.25
-    assert metric_sum(BODY, "ingest_dedup_look_back_seconds") == 0.125
+    assert sample(BODY, "ingest_batch_write_seconds_sum") == 6.25
+    assert sample(BODY, "ingest_dedup_look_back_seconds_sum") == 0.125
 
 
 def test_a_histogram_absent_from_the_text_sums_to_zero() -> None:
-    assert metric_sum(BODY, "ingest_dedup_look_back") == 0.0
-    assert metric_sum("", "ingest_batch_write_seconds") == 0.0
+    assert sample(BODY, "ingest_dedup_look_back_sum") == 0.0
+    assert sample("", "ingest_batch_write_seconds_sum") == 0.0
