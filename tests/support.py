@@ -199,13 +199,17 @@ class Published:
 
 
 async def publish(
-    bootstrap: str, topic: str, records: Sequence[Record], partition: int | None = None
+    bootstrap: str,
+    topic: str,
+    records: Sequence[Record],
+    partition: int | None = None,
+    **producer_options: Any,
 ) -> Published:
     """Publish in order and wait for every acknowledgement; to ``partition`` when given,
-    else where the key leads."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=False
-    )
+    else where the key leads. ``producer_options`` (a codec, a longer linger) go to the
+    producer over the defaults."""
+    options: dict[str, Any] = {"acks": "all", "linger_ms": 5, "enable_idempotence": False}
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **(options | producer_options))
     await producer.start()
     try:
         futs = [await producer.send(topic, value=v, key=k, partition=partition) for k, v in records]

@@ -11,7 +11,6 @@ from pathlib import Path
 import asyncpg
 import confluent_kafka
 import pytest
-from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
 from ingest.tools.devbroker import free_port
@@ -26,6 +25,7 @@ from tests.support import (
     eventually,
     http_get,
     http_get_blocking,
+    publish,
     reconcile,
     record,
     running_worker,
@@ -43,20 +43,7 @@ def _calls(n: int) -> list[Record]:
 async def _publish_compressed(
     bootstrap: str, topic: str, partition: int, codec: str, records: list[Record]
 ) -> Published:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        compression_type=codec,
-        linger_ms=20,
-        acks="all",
-        enable_idempotence=False,
-    )
-    await producer.start()
-    try:
-        futs = [await producer.send(topic, value=v, key=k, partition=partition) for k, v in records]
-        metas = await asyncio.gather(*futs)
-    finally:
-        await producer.stop()
-    return Published.acknowledged(records, metas)
+    return await publish(bootstrap, topic, records, partition, compression_type=codec, linger_ms=20)
 
 
 def _publish_with_librdkafka(bootstrap: str, topic: str, records: list[Record]) -> Published:

@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, datetime
 
 from tests.support import (
+    Record,
     call_events,
     drained,
     publish,
@@ -21,7 +22,7 @@ from tests.support import (
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def _call() -> list[tuple[bytes | None, bytes]]:
+def _call() -> list[Record]:
     return [record(e) for e in call_events(uuid.uuid4(), T0)]
 
 
